@@ -1,0 +1,1 @@
+"""Analyses built on capture and geometry: the model summary, the abstraction table, ..."""

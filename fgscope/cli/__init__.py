@@ -1,0 +1,52 @@
+"""The `fgscope` command: one small file per command, composed into one Typer app.
+
+Commands parse options, build a config, call the library and turn an `FgscopeError` into a
+one-line message and an exit code. Heavy imports (torch, torchvision) happen inside commands,
+so `fgscope --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import summary as _summary
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="fgscope",
+    help="See and measure how a CNN's features change with depth.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"fgscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """See and measure how a CNN's features change with depth.
+
+    Every command loads a model (a torchvision name or a file), runs it on CPU or CUDA, and
+    records what each layer produced. Start with `fgscope summary` (no images needed).
+    """
+
+
+app.command("summary")(_summary.summary)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,113 @@
+"""Options shared by several commands, and the mapping of errors to exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..errors import FgscopeError
+
+__all__ = [
+    "ModelArg",
+    "LayersOpt",
+    "WeightsOpt",
+    "ArchOpt",
+    "TrustOpt",
+    "SizeOpt",
+    "MeanOpt",
+    "StdOpt",
+    "DeviceOpt",
+    "DtypeOpt",
+    "guarded",
+    "err_console",
+    "model_kwargs",
+]
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="torchvision name (resnet50, torchvision:resnet50:IMAGENET1K_V2) or a model file "
+        "(.pt/.pth state_dict or checkpoint with --arch, .pt2 export, TorchScript, pickled module with --trust).",
+        show_default=True,
+    ),
+]
+LayersOpt = Annotated[
+    str,
+    typer.Option(
+        "--layers",
+        "-l",
+        help="all | blocks | stages | names, globs ('layer*') or regexes ('re:^layer[12]$'), comma-separated.",
+    ),
+]
+WeightsOpt = Annotated[
+    str,
+    typer.Option(help="torchvision weights: default, a name (IMAGENET1K_V2) or none (random init)."),
+]
+ArchOpt = Annotated[
+    str | None, typer.Option(help="torchvision architecture for a state_dict file, e.g. resnet50.")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust", help="Allow unpickling a whole model file (this runs code from the file)."
+    ),
+]
+SizeOpt = Annotated[
+    int | None, typer.Option(help="Input side in pixels (default: the weights' own, else 224).")
+]
+MeanOpt = Annotated[
+    tuple[float, float, float] | None,
+    typer.Option(help="Normalisation mean per channel (default: the weights' own, else ImageNet)."),
+]
+StdOpt = Annotated[
+    tuple[float, float, float] | None,
+    typer.Option(help="Normalisation std per channel (default: the weights' own, else ImageNet)."),
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")]
+DtypeOpt = Annotated[
+    str, typer.Option(help="float32 | float16 | bfloat16 (autocast where supported).")
+]
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def model_kwargs(
+    weights: str,
+    arch: str | None,
+    trust: bool,
+    size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+) -> dict:
+    """Keyword arguments for `fgscope.models.load_model` from the shared options."""
+    return {
+        "weights": None if weights.lower() == "none" else weights,
+        "arch": arch,
+        "trust": trust,
+        "size": size,
+        "mean": mean,
+        "std": std,
+    }
+
+
+@contextlib.contextmanager
+def guarded(console: Console | None = None) -> Iterator[None]:
+    """Turn an `FgscopeError` into `error: <one line>` on stderr and its exit code;
+    Ctrl-C into exit code 130 with what was written kept."""
+    console = console or err_console
+    try:
+        yield
+    except FgscopeError as exc:
+        console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: files already written are complete and kept.")
+        raise typer.Exit(130) from None
+    except MemoryError:
+        console.print("[bold red]error:[/] out of memory (try a smaller --batch-size or --size)")
+        sys.exit(9)

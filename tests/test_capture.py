@@ -1,0 +1,264 @@
+"""capture: exact records for every call, structured outputs, selection, clean-up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from conftest import TinyNet, TupleNet, reference_records
+from torch import nn
+
+from fgscope.capture import block_modules, capture, leaf_modules, select_layers
+from fgscope.errors import ConfigError, LayerNotFoundError
+
+
+def _no_hooks(model: nn.Module) -> bool:
+    return all(
+        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+        for m in model.modules()
+    )
+
+
+def test_records_every_leaf_call_in_order(tiny, tiny_input):
+    with capture(tiny) as rec:
+        tiny(tiny_input)
+    assert rec.names() == [
+        "stem.0", "stem.1", "stem.2",
+        "block.conv1", "block.bn1", "block.relu", "block.conv2", "block.bn2", "block.relu:2",
+        "down", "act", "pool", "fc",
+    ]
+    relu2 = rec.records[8]
+    assert (relu2.module_name, relu2.call, relu2.module_type) == ("block.relu", 2, "ReLU")
+    assert [r.index for r in rec.records] == list(range(13))
+
+
+def test_records_equal_a_clone_taken_in_the_hook(tiny, tiny_input):
+    """In-place ReLU after BN and `out += x` after bn2 must not change earlier records."""
+    expected = reference_records(tiny, tiny_input, list(leaf_modules(tiny)))
+    with capture(tiny) as rec:
+        tiny(tiny_input)
+    assert [r.name for r in rec.records] == [n for n, _ in expected]
+    for r, (_, t) in zip(rec.records, expected):
+        assert torch.equal(r.tensor, t), r.name
+    # the BN outputs really were overwritten in place by the model
+    bn1 = rec.by_name()["stem.1"][0].tensor
+    assert (bn1 < 0).any()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_match_reference(arch):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = reference_records(model, x, list(leaf_modules(model)))
+    with capture(model) as rec:
+        model(x)
+    assert len(rec.records) == len(expected)
+    for r, (name, t) in zip(rec.records, expected):
+        assert r.name == name
+        assert torch.equal(r.tensor, t), name
+
+
+def test_view_of_a_record_modified_in_place():
+    class ViewThenInplace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Identity()
+            self.b = nn.Flatten(1)
+
+        def forward(self, x):
+            y = self.a(x * 1.0)
+            z = self.b(y)  # a view of y's storage
+            y.mul_(0)
+            z.add_(5)
+            return z
+
+    m = ViewThenInplace()
+    x = torch.ones(1, 2, 2, 2)
+    with capture(m) as rec:
+        out = m(x)
+        # the model's output is the caller's: changing it leaves the record alone
+        out.fill_(-1)
+    assert torch.equal(rec.records[0].tensor, torch.ones(1, 2, 2, 2))
+    assert torch.equal(rec.records[1].tensor, torch.ones(1, 8))
+
+
+def test_setitem_and_out_kwarg_are_watched():
+    class Writer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Identity()
+
+        def forward(self, x):
+            y = self.a(x.clone())
+            y[0, 0] = 100.0
+            torch.add(x, 1, out=y)
+            return y
+
+    m = Writer()
+    x = torch.zeros(1, 3)
+    with capture(m) as rec:
+        m(x)
+    assert torch.equal(rec.records[0].tensor, torch.zeros(1, 3))
+
+
+def test_structured_outputs_are_recorded_per_element():
+    m = TupleNet().eval()
+    with capture(m, "multi,split") as rec:
+        m(torch.randn(1, 3, 8, 8))
+    names = rec.names()
+    assert names == ["multi[0]", "multi[1][mean]", "multi[1][max]", "split[left]", "split[right]"]
+    by = {r.name: r for r in rec.records}
+    assert by["split[left]"].shape == (2, 8, 8)
+    assert by["multi[1][mean]"].shape == (4,)
+    assert by["split[right]"].key == "right"
+
+
+def test_hooks_and_state_restored_after_exception(tiny):
+    tiny.train()
+    tiny.fc.weight.requires_grad_(False)
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(m, a, o):
+        raise Boom("forward failed")
+
+    h = tiny.down.register_forward_hook(explode)
+    with pytest.raises(Boom):
+        with capture(tiny, "all"):
+            assert not tiny.training  # eval during capture
+            tiny(torch.randn(1, 3, 16, 16))
+    h.remove()
+    assert _no_hooks(tiny)
+    assert tiny.training and all(m.training for m in tiny.modules())
+    assert not tiny.fc.weight.requires_grad
+    assert tiny.fc.bias.requires_grad
+
+
+def test_hooks_removed_and_mixed_training_flags_restored(tiny):
+    tiny.train()
+    tiny.block.eval()
+    with capture(tiny) as rec:
+        tiny(torch.randn(1, 3, 16, 16))
+    assert rec.records
+    assert _no_hooks(tiny)
+    assert tiny.training and not tiny.block.training and not tiny.block.bn1.training
+    assert tiny.stem.training
+
+
+def test_unknown_layer_fails_before_running(tiny):
+    calls = []
+    tiny.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(LayerNotFoundError) as exc:
+        with capture(tiny, "block.conv3"):
+            tiny(torch.randn(1, 3, 8, 8))
+    msg = str(exc.value)
+    assert "block.conv3" in msg and "block.conv1" in msg and "fgscope summary" in msg
+    assert "\n" not in msg
+    assert not calls
+
+
+@pytest.mark.parametrize("spec", ["nothing*", "re:^zzz", "/^zzz/"])
+def test_patterns_that_match_nothing_fail(tiny, spec):
+    with pytest.raises(LayerNotFoundError):
+        select_layers(tiny, spec)
+
+
+def test_bad_regex_and_empty_spec(tiny):
+    with pytest.raises(ConfigError):
+        select_layers(tiny, "re:(")
+    with pytest.raises(ConfigError):
+        select_layers(tiny, " , ")
+
+
+def test_selection_kinds(tiny):
+    assert list(select_layers(tiny, "block.*")) == [
+        "block.conv1", "block.bn1", "block.relu", "block.conv2", "block.bn2",
+    ]
+    assert list(select_layers(tiny, "re:^(stem|down)$")) == ["stem", "down"]
+    assert list(select_layers(tiny, ["fc", "stem.0"])) == ["stem.0", "fc"]
+    assert list(select_layers(tiny, "block")) == ["block"]
+    assert list(block_modules(tiny)) == ["stem.0", "stem.1", "stem.2", "block", "down", "act", "pool", "fc"]
+
+
+def test_blocks_and_stages_on_torchvision():
+    model = torchvision.models.resnet18(weights=None).eval()
+    blocks = list(block_modules(model))
+    assert blocks[:6] == ["conv1", "bn1", "relu", "maxpool", "layer1.0", "layer1.1"]
+    assert blocks[-2:] == ["avgpool", "fc"]
+    x = torch.zeros(1, 3, 224, 224)
+    assert list(select_layers(model, "stages", x)) == ["relu", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    mnv2 = torchvision.models.mobilenet_v2(weights=None).eval()
+    assert list(select_layers(mnv2, "stages", x)) == [
+        "features.1", "features.3", "features.6", "features.13", "features.18",
+    ]
+    with pytest.raises(ConfigError):
+        select_layers(model, "stages")
+
+
+def test_streaming_keeps_nothing_and_sees_exact_values(tiny, tiny_input):
+    expected = dict(reference_records(tiny, tiny_input, list(leaf_modules(tiny))))
+    seen = {}
+
+    def consume(rec):
+        seen[rec.name] = rec.tensor.sum().item()
+
+    with capture(tiny, on_record=consume) as rec:
+        tiny(tiny_input)
+    assert rec.records == []
+    assert set(seen) == set(expected)
+    for name, s in seen.items():
+        assert s == pytest.approx(expected[name].sum().item(), rel=1e-6, abs=1e-5)
+
+
+def test_several_forwards_count_steps(tiny):
+    with capture(tiny, "block.relu") as rec:
+        tiny(torch.randn(1, 3, 16, 16))
+        tiny(torch.randn(3, 3, 16, 16))
+    assert [(r.name, r.step) for r in rec.records] == [
+        ("block.relu", 0), ("block.relu:2", 0), ("block.relu", 1), ("block.relu:2", 1),
+    ]
+    assert rec.steps == 2
+    assert rec.stacked()["block.relu"].shape == (4, 8, 8, 8)
+
+
+def test_grad_mode_keeps_the_graph(tiny):
+    x = torch.randn(1, 3, 16, 16)
+    with capture(tiny, "down", grad=True) as rec:
+        y = tiny(x)
+        (g,) = torch.autograd.grad(y[0, 1], rec.records[0].tensor)
+    assert g.shape == rec.records[0].tensor.shape
+    assert g.abs().sum() > 0
+
+
+def test_inference_mode_by_default(tiny):
+    with capture(tiny, "fc") as rec:
+        tiny(torch.randn(1, 3, 16, 16))
+    assert not rec.records[0].tensor.requires_grad
+
+
+def test_model_unchanged_by_capture():
+    model = TinyNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with capture(model):
+        model(torch.randn(2, 3, 16, 16))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_records_to_cpu_are_exact(tiny, tiny_input):
+    expected = reference_records(tiny, tiny_input, list(leaf_modules(tiny)))
+    model = tiny.cuda()
+    with capture(model, to="cpu") as rec:
+        model(tiny_input.cuda())
+    for r, (_, t) in zip(rec.records, expected):
+        assert r.tensor.device.type == "cpu"
+        torch.testing.assert_close(r.tensor, t, rtol=1e-4, atol=1e-4)
+    with capture(model, to=None) as rec:
+        model(tiny_input.cuda())
+    assert all(r.tensor.is_cuda for r in rec.records)
+    for r, (_, t) in zip(rec.records, expected):
+        torch.testing.assert_close(r.tensor.cpu(), t, rtol=1e-4, atol=1e-4)
