@@ -235,39 +235,48 @@ _INPLACE_DUNDERS = frozenset(
         "add sub mul matmul truediv floordiv mod pow lshift rshift and xor or".split()
     )
 ) | {"__setitem__"}
-_signature_cache: dict[Any, Any] = {}
+# func -> how it writes in place: 0 never, 1 into args[0], or an inspect.Signature with an
+# `inplace` parameter. Decided once per function: this runs for every op of the forward.
+_WRITE_KIND: dict[Any, Any] = {}
+
+
+def _write_kind(func: Any) -> Any:
+    name = getattr(func, "__name__", "")
+    if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
+        return 1
+    try:
+        sig = _inspect.signature(func)
+    except (TypeError, ValueError):
+        return 0
+    return sig if "inplace" in sig.parameters else 0
 
 
 def _inplace_targets(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """Tensors that `func(*args, **kwargs)` is about to write into."""
-    name = getattr(func, "__name__", "")
+    kind = _WRITE_KIND.get(func)
+    if kind is None:
+        kind = _WRITE_KIND[func] = _write_kind(func)
     targets: list[torch.Tensor] = []
-    if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
+    if kind == 1:
         if args and isinstance(args[0], torch.Tensor):
             targets.append(args[0])
-    out = kwargs.get("out")
-    if isinstance(out, torch.Tensor):
-        targets.append(out)
-    elif isinstance(out, (tuple, list)):
-        targets.extend(t for t in out if isinstance(t, torch.Tensor))
-    # Python-level functionals such as F.relu(x, inplace=True) reach the mode before the
-    # in-place kernel they dispatch to: read their `inplace` argument.
-    if func not in _signature_cache:
+    elif kind != 0:
+        # Python-level functionals such as F.relu(x, inplace=True) reach the mode before
+        # the in-place kernel they dispatch to: read their `inplace` argument.
         try:
-            sig = _inspect.signature(func)
-            _signature_cache[func] = sig if "inplace" in sig.parameters else None
-        except (TypeError, ValueError):
-            _signature_cache[func] = None
-    sig = _signature_cache[func]
-    if sig is not None:
-        try:
-            bound = sig.bind_partial(*args, **kwargs)
+            bound = kind.bind_partial(*args, **kwargs).arguments
         except TypeError:
-            bound = None
-        if bound is not None and bound.arguments.get("inplace") is True:
-            first = next(iter(bound.arguments.values()), None)
+            bound = {}
+        if bound.get("inplace") is True:
+            first = next(iter(bound.values()), None)
             if isinstance(first, torch.Tensor):
                 targets.append(first)
+    if kwargs:
+        out = kwargs.get("out")
+        if isinstance(out, torch.Tensor):
+            targets.append(out)
+        elif isinstance(out, (tuple, list)):
+            targets.extend(t for t in out if isinstance(t, torch.Tensor))
     return targets
 
 

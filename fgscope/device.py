@@ -9,7 +9,7 @@ import torch
 
 from .errors import DeviceError
 
-__all__ = ["resolve_device", "resolve_dtype", "autocast", "to_device"]
+__all__ = ["resolve_device", "resolve_dtype", "autocast", "to_device", "tune_host_allocator"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -88,3 +88,38 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and x.device.type == "cpu":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
+
+
+_TUNED = False
+
+
+def tune_host_allocator() -> bool:
+    """Keep freed host memory in the process instead of returning it to the OS (glibc only).
+
+    Recording every layer keeps hundreds of MB alive per batch; by default glibc gives large
+    freed blocks back to the kernel and every new batch pays for zero-filled page faults
+    again (measured: 243k faults, ~25% of a ResNet-50 forward at batch 8). Raising glibc's
+    mmap and trim thresholds lets the process reuse that memory, which also speeds up a
+    plain forward. Called once by the CLI and the benchmarks; a no-op elsewhere.
+
+    Returns:
+        True when the thresholds were set.
+    """
+    global _TUNED
+    if _TUNED:
+        return True
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_trim_threshold, 1 << 30) == 1
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and ok
+    except (OSError, AttributeError):
+        return False
+    _TUNED = ok
+    return ok

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from . import layers as _layers
 from . import summary as _summary
 
 __all__ = ["app", "main"]
@@ -44,6 +45,7 @@ def _root(
     """
 
 
+app.command("layers")(_layers.layers)
 app.command("summary")(_summary.summary)
 
 

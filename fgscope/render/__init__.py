@@ -1,0 +1,38 @@
+"""Pictures of activations: grids with numpy + Pillow, plots as matplotlib `Figure` objects.
+
+Importing this package loads numpy and Pillow only; matplotlib is imported when a colormap or
+a figure is first needed, and torch never (tensors are accepted by duck typing), so the CLI
+starts fast.
+"""
+
+from __future__ import annotations
+
+from .figures import ENERGY_LABEL, geometry_figure, hierarchy_figure, save_figure
+from .grid import (
+    PNG_PARAMS,
+    colorize,
+    colormap_lut,
+    label_font,
+    render_grid,
+    save_png,
+    upsample_bilinear,
+)
+from .style import STYLE, figure_width, rc_params, style_context
+
+__all__ = [
+    "PNG_PARAMS",
+    "colormap_lut",
+    "colorize",
+    "render_grid",
+    "save_png",
+    "label_font",
+    "upsample_bilinear",
+    "hierarchy_figure",
+    "geometry_figure",
+    "save_figure",
+    "ENERGY_LABEL",
+    "STYLE",
+    "rc_params",
+    "style_context",
+    "figure_width",
+]

@@ -1,0 +1,262 @@
+"""matplotlib figures of how features change with depth, as `Figure` objects (never pyplot).
+
+- `hierarchy_figure`: where each selected layer responds in each image, the "edges -> parts ->
+  objects" picture of Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks"
+  (ECCV 2014), shown here as activation energy overlaid on the photo.
+- `geometry_figure`: spatial size, channels and receptive field against depth.
+- `save_figure`: writes PNG/PDF/SVG atomically, then releases the figure.
+
+The figures own no global state: nothing is registered with pyplot, so a figure is freed like
+any object once the caller drops it. matplotlib is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from .grid import PNG_PARAMS, colorize, upsample_bilinear
+from .style import STYLE, style_context
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["hierarchy_figure", "geometry_figure", "save_figure", "ENERGY_LABEL"]
+
+ENERGY_LABEL = "relative activation energy (per panel)"
+_STAGES = ("early", "middle", "late")
+
+
+def _normalized_energy(energy: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`(h, w)` energy -> `(H, W)` in 0..1 at `size = (H, W)`, bilinear; constant -> 0."""
+    up = upsample_bilinear(energy, size)
+    lo, hi = float(np.nanmin(up)), float(np.nanmax(up))
+    if not hi > lo:
+        return np.zeros(size, np.float32)
+    return (up - lo) / (hi - lo)
+
+
+def hierarchy_figure(
+    images: Sequence[Image.Image],
+    columns: Sequence[tuple[str, np.ndarray]],
+    *,
+    col_notes: Sequence[str] | None = None,
+) -> Figure:
+    """One row per image: the image, then per selected layer its activation energy on it.
+
+    Args:
+        images: the input images at the size the model saw (RGB or convertible).
+        columns: one `(label, energy)` per layer, left to right (e.g. the last layer of each
+            stage); `label` is the column title (may hold newlines, e.g.
+            `"features.3\\nstride 4 · rf 19 px\\nearly"`), `energy` is `(n_images, h, w)`: the
+            mean over channels of the squared activations. Each panel shows its energy map
+            upsampled bilinearly to the image, scaled to 0..1 within the panel and blended over
+            the image with `STYLE["cmap"]` at `STYLE["overlay_alpha"]`. Arrays are not modified.
+        col_notes: optional one note per layer column, written under the bottom row.
+
+    Returns:
+        A `matplotlib.figure.Figure`, about 2 in per panel and at most 16 in wide.
+
+    Raises:
+        ValueError: no images, or an energy array whose shape does not match.
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    n_img = len(images)
+    if n_img == 0:
+        raise ValueError("hierarchy_figure needs at least one image")
+    for label, energy in columns:
+        e = np.asarray(energy)
+        if e.ndim != 3 or e.shape[0] != n_img:
+            raise ValueError(
+                f"energy of column {label.splitlines()[0]!r} must be (n_images={n_img}, h, w), "
+                f"got shape {e.shape}"
+            )
+    if col_notes is not None and len(col_notes) != len(columns):
+        raise ValueError(f"col_notes has {len(col_notes)} entries for {len(columns)} columns")
+
+    rgb = [np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]
+    aspect = max(a.shape[0] / a.shape[1] for a in rgb)  # height / width of the tallest image
+    n_col = 1 + len(columns)
+    cbar_in = 0.9
+    panel = min(STYLE["panel_in"], (STYLE["max_width_in"] - cbar_in) / n_col)
+    title_lines = max([1] + [len(lbl.splitlines()) for lbl, _ in columns])
+    head_in = 0.18 * title_lines + 0.1
+    foot_in = 0.3 if col_notes else 0.05
+    size = (panel * n_col + cbar_in, panel * aspect * n_img + head_in + foot_in)
+    alpha = STYLE["overlay_alpha"]
+
+    with style_context():
+        fig = Figure(figsize=size, layout="constrained")
+        axes = fig.subplots(n_img, n_col, squeeze=False)
+        for r, base in enumerate(rgb):
+            hw = base.shape[:2]
+            axes[r, 0].imshow(base.astype(np.uint8), interpolation="nearest")
+            for c, (_, energy) in enumerate(columns, start=1):
+                e = _normalized_energy(np.asarray(energy[r], dtype=np.float32), hw)
+                col = colorize(e, 0.0, 1.0, STYLE["cmap"]).astype(np.float32)
+                blend = (col * alpha + base * (1.0 - alpha) + 0.5).astype(np.uint8)
+                axes[r, c].imshow(blend, interpolation="nearest")
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ("top", "right"):
+                ax.spines[side].set_visible(True)
+        axes[0, 0].set_title("input")
+        for c, (label, _) in enumerate(columns, start=1):
+            axes[0, c].set_title(label)
+            if col_notes:
+                axes[-1, c].set_xlabel(col_notes[c - 1])
+        sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=STYLE["cmap"])
+        cb = fig.colorbar(sm, ax=axes, shrink=min(1.0, 0.9 if n_img > 1 else 0.8), aspect=25)
+        cb.set_label(ENERGY_LABEL)
+        cb.set_ticks([0.0, 0.5, 1.0], labels=["low", "0.5", "high"])
+    return fig
+
+
+def _runs(stages: list[str], xs: list[float]) -> list[tuple[str, float, float, int]]:
+    """Contiguous runs of equal stage: (stage, first x, last x, first row)."""
+    out: list[tuple[str, float, float, int]] = []
+    for i, (s, x) in enumerate(zip(stages, xs, strict=True)):
+        if out and out[-1][0] == s:
+            out[-1] = (s, out[-1][1], x, out[-1][3])
+        else:
+            out.append((s, x, x, i))
+    return out
+
+
+def geometry_figure(rows: Sequence[dict], input_size: tuple[int, int]) -> Figure:
+    """Spatial size, channels and receptive field of every layer against depth.
+
+    Args:
+        rows: one dict per layer in execution order with keys `index` (x position), `name`,
+            `spatial` (H side of the map, None for vectors), `channels`, `rf` (receptive
+            field in input px, None if unknown) and `stage` (`early`, `middle` or `late`).
+        input_size: `(H, W)` of the model input; the receptive field panel marks H with a
+            dashed line and has a secondary axis in fractions of it.
+
+    Returns:
+        A `matplotlib.figure.Figure`, 7 in wide (double column), three panels sharing x.
+
+    Raises:
+        ValueError: no rows, or a row without one of the keys.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    if not rows:
+        raise ValueError("geometry_figure needs at least one layer row")
+    keys = ("index", "name", "spatial", "channels", "rf", "stage")
+    for row in rows:
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise ValueError(f"layer row {row.get('name', row)!r} lacks keys {missing}")
+
+    def num(v: Any) -> float:
+        return float("nan") if v is None else float(v)
+
+    xs = [float(r["index"]) for r in rows]
+    spatial = [num(r["spatial"]) for r in rows]
+    channels = [num(r["channels"]) for r in rows]
+    rf = [num(r["rf"]) for r in rows]
+    side = float(input_size[0])
+    colors = STYLE["stage_colors"]
+    runs = _runs([str(r["stage"]) for r in rows], xs)
+    pow2 = FuncFormatter(lambda v, _: f"{v:g}")
+
+    with style_context():
+        fig = Figure(figsize=(STYLE["double_column_in"], 5.6), layout="constrained")
+        axes = fig.subplots(3, 1, sharex=True)
+        panels = (
+            (spatial, "spatial size (px)"),
+            (channels, "channels"),
+            (rf, "receptive field (px)"),
+        )
+        for ax, (ys, label) in zip(axes, panels, strict=True):
+            for stage, a, b, _ in runs:
+                ax.axvspan(a - 0.5, b + 0.5, color=colors.get(stage, "#999999"), alpha=0.15, lw=0)
+            ax.plot(xs, ys, color="#222222", lw=1.2, marker="o", ms=2.2)
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_locator(LogLocator(base=2))
+            ax.yaxis.set_major_formatter(pow2)
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylabel(label)
+        ax_rf = axes[2]
+        ax_rf.axhline(side, color="#222222", ls="--", lw=0.9)
+        ax_rf.annotate(
+            f"input {side:g} px", (xs[0], side), xytext=(2, 3), textcoords="offset points",
+            fontsize=STYLE["font_size"], va="bottom",
+        )
+        sec = ax_rf.secondary_yaxis("right", functions=(lambda v: v / side, lambda f: f * side))
+        sec.set_ylabel("fraction of input")
+        sec.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+        # A few names: the first layer of each stage run, and the last layer.
+        ticks: dict[float, str] = {}
+        for _, a, _, i in runs:
+            ticks[a] = str(rows[i]["name"])
+        ticks[xs[-1]] = str(rows[-1]["name"])
+        ax_rf.set_xticks(list(ticks), labels=list(ticks.values()), rotation=30, ha="right")
+        ax_rf.set_xlabel("layer (execution order)")
+        ax_rf.set_xlim(xs[0] - 0.5, xs[-1] + 0.5)
+        present = [s for s in _STAGES if any(r[0] == s for r in runs)]
+        present += sorted({r[0] for r in runs} - set(_STAGES))
+        handles = [Patch(color=colors.get(s, "#999999"), alpha=0.3, label=s) for s in present]
+        fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), frameon=False)
+    return fig
+
+
+_FORMATS = ("png", "pdf", "svg")
+
+
+def save_figure(
+    fig: Figure, path: str | os.PathLike[str], formats: Sequence[str] = ("png",), dpi: int = 150
+) -> list[Path]:
+    """Save `fig` once per format, then release it.
+
+    Each file is `path` with its suffix replaced by the format (`fig.png`, `fig.pdf`), written
+    to `<file>.tmp` and renamed, so readers never see half a file. PNG is rendered at `dpi`;
+    PDF and SVG are vector (text stays text) with images embedded as pixels; metadata dates
+    are left out so reruns give identical files.
+
+    After saving, `fig.clf()` drops every artist, so the (large) image data is freed even while
+    the caller still holds `fig`; the figure is empty afterwards. Nothing global is touched:
+    fgscope figures are never registered with pyplot.
+
+    Returns:
+        The written paths, in the order of `formats`.
+
+    Raises:
+        ValueError: a format other than png, pdf or svg.
+    """
+    fmts = [f.lower().lstrip(".") for f in formats]
+    bad = [f for f in fmts if f not in _FORMATS]
+    if bad:
+        raise ValueError(f"unsupported figure formats {bad}; use {', '.join(_FORMATS)}")
+    path = Path(path)
+    written: list[Path] = []
+    meta = {"png": {"Software": None}, "pdf": {"CreationDate": None}, "svg": {"Date": None}}
+    try:
+        with style_context():
+            for fmt in fmts:
+                target = path.with_suffix("." + fmt)
+                tmp = target.with_name(target.name + ".tmp")
+                extra: dict[str, Any] = {"pil_kwargs": dict(PNG_PARAMS)} if fmt == "png" else {}
+                try:
+                    fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta[fmt], **extra)
+                    os.replace(tmp, target)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                written.append(target)
+    finally:
+        fig.clf()
+    return written
