@@ -121,9 +121,29 @@ class Recorder:
 # --- layer selection ---------------------------------------------------------------------
 
 
+def _hookable(model: nn.Module) -> dict[str, nn.Module]:
+    """Named modules that accept forward hooks: everything but ScriptModules (torch refuses
+    hooks on them) and what lies inside them."""
+    out: dict[str, nn.Module] = {}
+    opaque: list[str] = []
+    for name, m in model.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in opaque):
+            continue
+        if isinstance(m, torch.jit.ScriptModule):
+            opaque.append(name)
+            continue
+        out[name] = m
+    return out
+
+
 def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules without children, by qualified name (the model itself if it has none)."""
-    leaves = {n: m for n, m in model.named_modules() if not any(True for _ in m.children())}
+    """Hookable modules without hookable children, by qualified name (the model itself if it
+    has none; its record is named `output`)."""
+    named = _hookable(model)
+    hookable = {id(m) for m in named.values()}
+    leaves = {
+        n: m for n, m in named.items() if n and not any(id(c) in hookable for c in m.children())
+    }
     return leaves or {"": model}
 
 
@@ -137,6 +157,8 @@ def block_modules(model: nn.Module) -> dict[str, nn.Module]:
     def walk(prefix: str, module: nn.Module) -> None:
         for name, child in module.named_children():
             qual = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, torch.jit.ScriptModule):
+                continue
             if type(child) in _PURE_CONTAINERS:
                 walk(qual, child)
             else:
@@ -193,7 +215,7 @@ def select_layers(
     Raises:
         LayerNotFoundError: a name or pattern matches no module; close matches are listed.
     """
-    named = dict(model.named_modules())
+    named = _hookable(model)
     chosen: set[str] = set()
     for item in _split_spec(layers):
         low = item.lower()
@@ -387,7 +409,8 @@ class _Hooks:
     def hook(self, module_name: str, module: nn.Module, output: Any) -> None:
         call = self.calls.get(module_name, 0) + 1
         self.calls[module_name] = call
-        base = module_name if call == 1 else f"{module_name}:{call}"
+        label = module_name or "output"  # the model itself (a leaf-only or TorchScript model)
+        base = label if call == 1 else f"{label}:{call}"
         for key, t in _flatten(output):
             tensor, shared = self._place(t)
             rec = LayerRecord(

@@ -48,6 +48,7 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "list_architectures",
+    "TorchScriptModel",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,7 +83,7 @@ _LIST_HINT = (
 _NOTE_TORCHSCRIPT = (
     "TorchScript: torch refuses forward hooks on ScriptModules ('register_forward_hook is not "
     "supported on ScriptModules'), so no layer inside the archive can be captured, only the "
-    "model's output; save a state_dict (with --arch) or a torch.export .pt2 instead"
+    "model's output (recorded as `output`); save a state_dict (with --arch) or a torch.export .pt2 instead"
 )
 _NOTE_EXPORT = (
     "torch.export: loaded with torch.export.unflatten, which restores the original module "
@@ -200,6 +201,21 @@ class LoadedModel:
     input_size: tuple[int, int]
     labels: tuple[str, ...] | None
     source: ModelSource
+
+
+class TorchScriptModel(nn.Module):
+    """A TorchScript archive behind a plain module, so that its output can be recorded.
+
+    torch refuses forward hooks on ScriptModules, so `fgscope.capture` treats the archive as
+    one opaque leaf: selecting `all` records the model's output, named `output`.
+    """
+
+    def __init__(self, scripted: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.scripted = scripted
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.scripted(*args, **kwargs)
 
 
 class _Resolved(NamedTuple):
@@ -460,7 +476,7 @@ def _from_file(spec: str, arch: str | None, trust: bool, num_classes: int | None
                 ) from exc
         notes = (_NOTE_TORCHSCRIPT, *dict.fromkeys(str(w.message) for w in caught))
         source = ModelSource(spec, "torchscript", None, None, str(path), digest, notes)
-        return _Resolved(module.eval(), None, None, None, source)
+        return _Resolved(TorchScriptModel(module).eval(), None, None, None, source)
     if kind == "safetensors" or (kind == "unknown" and path.suffix == ".safetensors"):
         from safetensors.torch import load_file
 

@@ -412,10 +412,18 @@ def test_torchscript_archive(tmp_path, how):
     assert loaded.source.kind == "torchscript" and loaded.source.path == str(path)
     assert torch.equal(loaded.module(x), net(x))
     assert any("forward hooks" in n for n in loaded.source.notes)
-    # What the note claims: no hook can be registered on any scripted submodule.
-    for _, sub in loaded.module.named_modules():
+    # What the note claims: no hook can be registered on any scripted submodule ...
+    scripted_part = loaded.module.scripted
+    for _, sub in scripted_part.named_modules():
         with pytest.raises(RuntimeError, match="not supported on ScriptModules"):
             sub.register_forward_hook(lambda *a: None)
+    # ... so capture records the model's output, and names nothing inside the archive.
+    from fgscope.capture import capture
+
+    with capture(loaded.module, "all") as rec:
+        out = loaded.module(x)
+    assert rec.names() == ["output"]
+    assert torch.equal(rec.records[0].tensor, out)
 
 
 def test_export_program(tmp_path):

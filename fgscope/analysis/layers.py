@@ -50,8 +50,9 @@ class LayerStats:
         shape: output shape without the batch: [C, H, W] or [F].
         spatial: [H, W] of the map, None for vectors.
         channels: C (or F for vectors).
-        stride: effective stride in input pixels (larger axis), None when unknown.
-        rf: theoretical receptive field in input pixels (larger axis), None when unknown.
+        stride: effective stride in input pixels (larger axis), None for vectors / unknown.
+        rf: theoretical receptive field in input pixels (larger axis); for vectors the union
+            of the last map's units; None when unknown.
         rf_frac: rf divided by the input side (can exceed 1).
         rf_exact: False when the geometry involved an approximation.
         params: parameters of the module.
@@ -270,7 +271,7 @@ def _table(names, acts, rec, geo, modules, inputs, output, input_size) -> list[L
             if cka_in is not None and cka_out is not None and cka_in + cka_out > 0:
                 abstraction = cka_out / (cka_in + cka_out)
         stride = max(g.stride) if g is not None and g.spatial else None
-        rf = max(g.rf) if g is not None and g.spatial else None
+        rf = max(g.rf) if g is not None else None  # vectors: union of the last map's units
         rows.append(
             LayerStats(
                 index=i,

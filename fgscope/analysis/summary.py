@@ -22,8 +22,10 @@ class SummaryRow:
         name: record name (`layer1.0.relu:2`, `aux[0]`).
         type: module class name.
         shape: output shape without the batch dimension: [C, H, W] or [F].
-        stride: effective stride in input pixels (the larger of H and W), None if unknown.
-        rf: theoretical receptive field in input pixels (the larger of H and W), None if unknown.
+        stride: effective stride in input pixels (the larger of H and W); None for vectors
+            (after global pooling) and when unknown.
+        rf: theoretical receptive field in input pixels (the larger of H and W); for vectors
+            the union of all units of the last map; None if unknown.
         stride_hw, rf_hw, padding_hw: per axis (H, W); padding = effective padding.
         rf_exact: False when the geometry involved an approximation.
         global_context: a broadcast global gate (squeeze-excitation) feeds this layer.
@@ -97,15 +99,16 @@ def summarize(
 
     def on_record(rec: LayerRecord, geo: LayerGeometry | None) -> None:
         spatial = geo is not None
+        is_map = spatial and geo.spatial  # vectors: no stride, the rf is all units' union
         rows.append(
             SummaryRow(
                 index=len(rows),
                 name=rec.name,
                 type=rec.module_type,
                 shape=[int(s) for s in rec.tensor.shape[1:]],
-                stride=max(geo.stride) if spatial else None,
+                stride=max(geo.stride) if is_map else None,
                 rf=max(geo.rf) if spatial else None,
-                stride_hw=list(geo.stride) if spatial else None,
+                stride_hw=list(geo.stride) if is_map else None,
                 rf_hw=list(geo.rf) if spatial else None,
                 padding_hw=list(geo.padding) if spatial else None,
                 rf_exact=geo.exact if spatial else False,

@@ -60,7 +60,8 @@ def hierarchy_figure(
         col_notes: optional one note per layer column, written under the bottom row.
 
     Returns:
-        A `matplotlib.figure.Figure`, about 2 in per panel and at most 16 in wide.
+        A `matplotlib.figure.Figure`, 2 in per panel (less when that would make it wider than
+        16 in), panels laid out at fixed inch positions.
 
     Raises:
         ValueError: no images, or an energy array whose shape does not match.
@@ -83,41 +84,57 @@ def hierarchy_figure(
         raise ValueError(f"col_notes has {len(col_notes)} entries for {len(columns)} columns")
 
     rgb = [np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]
-    aspect = max(a.shape[0] / a.shape[1] for a in rgb)  # height / width of the tallest image
     n_col = 1 + len(columns)
-    cbar_in = 0.9
-    panel = min(STYLE["panel_in"], (STYLE["max_width_in"] - cbar_in) / n_col)
-    title_lines = max([1] + [len(lbl.splitlines()) for lbl, _ in columns])
-    head_in = 0.18 * title_lines + 0.1
-    foot_in = 0.3 if col_notes else 0.05
-    size = (panel * n_col + cbar_in, panel * aspect * n_img + head_in + foot_in)
     alpha = STYLE["overlay_alpha"]
 
+    # Fixed layout in inches (a layout engine leaves uneven gaps around equal-aspect images).
+    left, gap, cb_gap, cb_w, cb_text = 0.08, 0.06, 0.15, 0.14, 0.9
+    fixed = left + (n_col - 1) * gap + cb_gap + cb_w + cb_text
+    pw = min(STYLE["panel_in"], (STYLE["max_width_in"] - fixed) / n_col)
+    title_pt = STYLE["label_size"] if pw >= 1.6 else STYLE["font_size"]
+    line_in = title_pt / 72 * 1.3
+    n_lines = max([1] + [len(label.splitlines()) for label, _ in columns])
+    head = n_lines * line_in + 0.12
+    foot = line_in + 0.14 if col_notes else 0.08
+    heights = [pw * a.shape[0] / a.shape[1] for a in rgb]
+    block = sum(heights) + gap * (n_img - 1)
+    fw, fh = fixed + n_col * pw, head + block + foot
+
     with style_context():
-        fig = Figure(figsize=size, layout="constrained")
-        axes = fig.subplots(n_img, n_col, squeeze=False)
-        for r, base in enumerate(rgb):
-            hw = base.shape[:2]
-            axes[r, 0].imshow(base.astype(np.uint8), interpolation="nearest")
-            for c, (_, energy) in enumerate(columns, start=1):
-                e = _normalized_energy(np.asarray(energy[r], dtype=np.float32), hw)
+        fig = Figure(figsize=(fw, fh))
+        axes = np.empty((n_img, n_col), dtype=object)
+        top = fh - head
+        for r, (base, ph) in enumerate(zip(rgb, heights, strict=True)):
+            top -= ph
+            for c in range(n_col):
+                rect = ((left + c * (pw + gap)) / fw, top / fh, pw / fw, ph / fh)
+                axes[r, c] = ax = fig.add_axes(rect)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.imshow(base.astype(np.uint8), interpolation="nearest", aspect="auto")
+                    continue
+                e = _normalized_energy(
+                    np.asarray(columns[c - 1][1][r], dtype=np.float32), base.shape[:2]
+                )
                 col = colorize(e, 0.0, 1.0, STYLE["cmap"]).astype(np.float32)
                 blend = (col * alpha + base * (1.0 - alpha) + 0.5).astype(np.uint8)
-                axes[r, c].imshow(blend, interpolation="nearest")
-        for ax in axes.flat:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for side in ("top", "right"):
-                ax.spines[side].set_visible(True)
-        axes[0, 0].set_title("input")
-        for c, (label, _) in enumerate(columns, start=1):
-            axes[0, c].set_title(label)
-            if col_notes:
-                axes[-1, c].set_xlabel(col_notes[c - 1])
+                ax.imshow(blend, interpolation="nearest", aspect="auto")
+            top -= gap
+        for c, label in enumerate(["input"] + [label for label, _ in columns]):
+            axes[0, c].set_title(label, fontsize=title_pt, pad=4)
+            if col_notes and c:
+                axes[-1, c].set_xlabel(col_notes[c - 1], fontsize=title_pt, labelpad=4)
+
+        cb_h = min(block, 5.0)
+        cb_y = fh - head - block / 2 - cb_h / 2
+        cax = fig.add_axes(((fw - cb_text - cb_w) / fw, cb_y / fh, cb_w / fw, cb_h / fh))
         sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=STYLE["cmap"])
-        cb = fig.colorbar(sm, ax=axes, shrink=min(1.0, 0.9 if n_img > 1 else 0.8), aspect=25)
-        cb.set_label(ENERGY_LABEL)
-        cb.set_ticks([0.0, 0.5, 1.0], labels=["low", "0.5", "high"])
+        cb = fig.colorbar(sm, cax=cax)
+        cb.set_ticks([0.0, 0.5, 1.0], labels=["0 (min)", "0.5", "1 (max)"])
+        # On a short bar (one row) the label goes on two lines so it stays inside the figure.
+        label = ENERGY_LABEL if cb_h >= 2.8 else ENERGY_LABEL.replace(" (", "\n(")
+        cb.set_label(label, fontsize=STYLE["font_size"])
     return fig
 
 
@@ -130,6 +147,13 @@ def _runs(stages: list[str], xs: list[float]) -> list[tuple[str, float, float, i
         else:
             out.append((s, x, x, i))
     return out
+
+
+def _fraction(v: float, _pos: Any = None) -> str:
+    """1/8, 1/2, 1, 2: a power of two as a fraction of the input side."""
+    if v <= 0:
+        return ""
+    return f"1/{1 / v:g}" if v < 1 else f"{v:g}"
 
 
 def geometry_figure(rows: Sequence[dict], input_size: tuple[int, int]) -> Figure:
@@ -185,19 +209,25 @@ def geometry_figure(rows: Sequence[dict], input_size: tuple[int, int]) -> Figure
                 ax.axvspan(a - 0.5, b + 0.5, color=colors.get(stage, "#999999"), alpha=0.15, lw=0)
             ax.plot(xs, ys, color="#222222", lw=1.2, marker="o", ms=2.2)
             ax.set_yscale("log", base=2)
-            ax.yaxis.set_major_locator(LogLocator(base=2))
+            ax.yaxis.set_major_locator(LogLocator(base=2, numticks=10))
             ax.yaxis.set_major_formatter(pow2)
             ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_ylabel(label)
         ax_rf = axes[2]
         ax_rf.axhline(side, color="#222222", ls="--", lw=0.9)
         ax_rf.annotate(
-            f"input {side:g} px", (xs[0], side), xytext=(2, 3), textcoords="offset points",
-            fontsize=STYLE["font_size"], va="bottom",
+            f"input {side:g} px",
+            (xs[0], side),
+            xytext=(2, 3),
+            textcoords="offset points",
+            fontsize=STYLE["font_size"],
+            va="bottom",
         )
         sec = ax_rf.secondary_yaxis("right", functions=(lambda v: v / side, lambda f: f * side))
         sec.set_ylabel("fraction of input")
-        sec.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        sec.yaxis.set_major_locator(LogLocator(base=2, numticks=10))
+        sec.yaxis.set_major_formatter(FuncFormatter(_fraction))
+        sec.yaxis.set_minor_formatter(NullFormatter())
 
         # A few names: the first layer of each stage run, and the last layer.
         ticks: dict[float, str] = {}
