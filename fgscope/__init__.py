@@ -24,6 +24,8 @@ _LAZY = {
     "LayerRecord": "fgscope.capture",
     "trace_geometry": "fgscope.geometry",
     "summarize": "fgscope.analysis.summary",
+    "inspect": "fgscope.analysis.layers",
+    "run_layers": "fgscope.analysis.layers_run",
     "load_images": "fgscope.images",
     "discover": "fgscope.images",
     "FgscopeError": "fgscope.errors",

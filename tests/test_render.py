@@ -218,6 +218,35 @@ def test_numpy_input_not_mutated_and_bad_arguments() -> None:
         render_grid(maps, channels=[])
 
 
+def _clear_text_caches() -> None:
+    for fn in (G.label_font, G._width, G._glyph, G._label):
+        fn.cache_clear()
+
+
+def test_pillow_builtin_font_fallback(monkeypatch) -> None:
+    monkeypatch.setattr(G, "_dejavu_path", lambda: None)
+    _clear_text_caches()
+    try:
+        maps = np.random.default_rng(7).normal(size=(2, 6, 6)).astype(np.float32)
+        a = px(render_grid(maps, title="fallback \u00b7 2x6x6"))
+        assert a.max() >= 230  # labels drawn
+        assert G._text(G.label_font(12), "\u22120.20 \u2013 1.00") == "-0.20 - 1.00"
+    finally:
+        monkeypatch.undo()
+        _clear_text_caches()
+    assert G._text(G.label_font(12), "0.00\u20131.00") == "0.00\u20131.00"
+
+
+def test_upsample_bilinear_matches_torch() -> None:
+    torch = pytest.importorskip("torch")
+    m = np.random.default_rng(8).random((3, 5, 7)).astype(np.float32)
+    ours = G.upsample_bilinear(m, (23, 40))
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(m)[None], size=(23, 40), mode="bilinear", align_corners=False
+    )[0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
 def test_explicit_tile_size_and_non_square_maps() -> None:
     maps = np.random.default_rng(4).random((2, 10, 20)).astype(np.float32)
     img = render_grid(maps, tile_size=50)  # longer side 20 -> 50: tiles 25 x 50

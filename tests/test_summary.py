@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import torchvision
 from conftest import TinyNet
 

@@ -48,7 +48,7 @@ def assign_stages(strides: Sequence[float | None], spatial: Sequence[bool]) -> l
     n_levels = len({s for s, sp in zip(strides, spatial) if sp and s is not None})
     if n_levels <= 1:
         out = []
-        for i, (lvl, sp) in enumerate(zip(levels, spatial)):
+        for i, sp in enumerate(spatial):
             if not sp and n_levels == 1:
                 out.append("late")
             else:
