@@ -29,6 +29,8 @@ import difflib
 import fnmatch
 import inspect as _inspect
 import re
+import sys
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -502,3 +504,15 @@ def capture(
         for p, flag in requires_grad.items():
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
+
+
+class _CallableModule(types.ModuleType):
+    """`fgscope.capture` is both this module and the context manager: once the submodule is
+    imported, Python binds the package attribute `fgscope.capture` to the module, so the
+    module forwards calls to `capture()` and `fgscope.capture(model)` always works."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return capture(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

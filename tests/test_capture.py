@@ -262,3 +262,13 @@ def test_cuda_records_to_cpu_are_exact(tiny, tiny_input):
     assert all(r.tensor.is_cuda for r in rec.records)
     for r, (_, t) in zip(rec.records, expected):
         torch.testing.assert_close(r.tensor.cpu(), t, rtol=1e-4, atol=1e-4)
+
+
+def test_public_api_capture_is_callable_after_submodule_import(tiny):
+    import fgscope
+    import fgscope.capture  # binds the package attribute to the submodule
+    import fgscope.geometry  # noqa: F401
+
+    with fgscope.capture(tiny, "fc") as rec:
+        tiny(torch.randn(1, 3, 16, 16))
+    assert rec.names() == ["fc"]
