@@ -31,8 +31,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# TorchLens is a peer measured by bench/capture.py, not a dependency of fgscope.
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt torchlens || echo "torchlens not installed: peer skipped"
 	$(BIN)/python bench/capture.py
+	$(BIN)/python bench/render.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check fgscope tests bench

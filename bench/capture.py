@@ -50,33 +50,55 @@ def bench_model(arch: str, batch: int, repeat: int) -> None:
 
     n_records = 0
 
+    def streamed():
+        with capture(model, "all", on_record=lambda rec: None):
+            model(x)
+
     def captured():
         nonlocal n_records
         with capture(model, "all", to="cpu") as rec:
             model(x)
         n_records = len(rec.records)
 
-    # Interleave the two so that drifts in machine load hit both alike.
-    t_plain, t_cap = [], []
+    # Interleave the variants so that drifts in machine load hit all alike.
+    t_plain, t_cap, t_stream = [], [], []
     for _ in range(3):
         t_plain.append(_median(plain, max(repeat // 3, 1)))
         t_cap.append(_median(captured, max(repeat // 3, 1)))
-    tp, tc = min(t_plain), min(t_cap)
+        t_stream.append(_median(streamed, max(repeat // 3, 1)))
+    tp, tc, ts = min(t_plain), min(t_cap), min(t_stream)
     line = (
-        f"{arch:<14} plain {tp * 1e3:8.1f} ms | fgscope capture all ({n_records} records, CPU) "
-        f"{tc * 1e3:8.1f} ms = {tc / tp:5.2f}x"
+        f"{arch:<13} plain {tp * 1e3:7.1f} ms | capture all, kept on CPU ({n_records} records) "
+        f"{tc * 1e3:7.1f} ms = {tc / tp:4.2f}x | streamed to a callback {ts * 1e3:7.1f} ms "
+        f"= {ts / tp:4.2f}x"
     )
-    try:
-        import torchlens as tl  # optional peer
-
-        def lens():
-            tl.log_forward_pass(model, x, layers_to_save="all", vis_opt="none")
-
-        tt = _median(lens, max(repeat // 3, 1))
-        line += f" | TorchLens log_forward_pass {tt * 1e3:8.1f} ms = {tt / tp:5.2f}x"
-    except ImportError:
-        line += " | TorchLens: not installed"
     print(line, flush=True)
+
+
+def bench_torchlens(arch: str, batch: int, repeat: int) -> None:
+    """TorchLens wraps torch functions for the rest of the process, so it runs in its own
+    process, with its own plain-forward baseline measured before it is first used."""
+    try:
+        import torchlens as tl  # optional peer: `pip install torchlens`
+    except ImportError:
+        print(f"{arch:<13} TorchLens: not installed")
+        return
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    x = torch.randn(batch, 3, 224, 224)
+
+    def plain():
+        with torch.inference_mode():
+            model(x)
+
+    tp = _median(plain, repeat)
+    tt = _median(lambda: tl.trace(model, x), max(repeat // 3, 2))
+    version = getattr(tl, "__version__", "")
+    print(
+        f"{arch:<13} plain {tp * 1e3:7.1f} ms | TorchLens {version} trace (save all) "
+        f"{tt * 1e3:7.1f} ms = {tt / tp:4.2f}x",
+        flush=True,
+    )
 
 
 def bench_startup(repeat: int = 5) -> None:
@@ -101,6 +123,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--models", nargs="*", default=["mobilenet_v2", "resnet50"])
+    parser.add_argument("--torchlens-only", metavar="ARCH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # The CLI does this at start-up; it speeds up both sides (see fgscope.device).
     tuned = tune_host_allocator()
@@ -108,8 +131,17 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
         f"224x224, host allocator tuned: {tuned}"
     )
+    if args.torchlens_only:
+        bench_torchlens(args.torchlens_only, args.batch, args.repeat)
+        return
     for arch in args.models:
         bench_model(arch, args.batch, args.repeat)
+    for arch in args.models:
+        subprocess.run(
+            [sys.executable, __file__, "--torchlens-only", arch, "--batch", str(args.batch),
+             "--repeat", str(args.repeat)],
+            check=True,
+        )
     bench_startup()
 
 
