@@ -32,6 +32,8 @@ from fgscope.errors import ConfigError, ImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LabelledPaths",
+    "image_folder",
     "ImageFailure",
     "LoadedImage",
     "default_image",
@@ -122,6 +124,52 @@ def discover(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
                 seen.add(key)
                 found.append(item)
     return found
+
+
+@dataclass(frozen=True)
+class LabelledPaths:
+    """An ImageFolder-layout data set: `root/<class>/**/<image>`.
+
+    Attributes:
+        paths: image files, class by class (classes sorted by name), each class's files sorted.
+        labels: integer label per path (index into `classes`).
+        classes: class names (the subfolder names), sorted.
+    """
+
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+
+def image_folder(root: str | os.PathLike[str]) -> LabelledPaths:
+    """Read an ImageFolder layout: each non-hidden subfolder of `root` is a class whose
+    images (recursive) get its index in the sorted class list, as torchvision's
+    `ImageFolder` does.
+
+    Raises:
+        ImageError: `root` is not a folder, has no class subfolders, or a class has no images.
+    """
+    root = Path(os.path.expanduser(os.fspath(root)))
+    if not root.is_dir():
+        raise ImageError(f"{root} is not a folder", "pass a folder with one subfolder per class")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ImageError(
+            f"{root} has no class subfolders",
+            "expected ImageFolder layout: ROOT/<class>/<image>",
+        )
+    paths: list[Path] = []
+    labels: list[int] = []
+    for i, name in enumerate(classes):
+        found = _walk(root / name)
+        if not found:
+            raise ImageError(
+                f"class folder {root / name} contains no files ending in {_EXTENSION_LIST}",
+                "remove it or add images",
+            )
+        paths.extend(found)
+        labels.extend([i] * len(found))
+    return LabelledPaths(paths, labels, classes)
 
 
 def load_image(

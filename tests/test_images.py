@@ -511,3 +511,22 @@ def test_module_does_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_image_folder_layout(tmp_path):
+    from fgscope.images import image_folder
+
+    for cls, n in (("b_cat", 2), ("a_dog", 3)):
+        (tmp_path / cls / "sub").mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (4, 4)).save(tmp_path / cls / "sub" / f"{i}.png")
+    (tmp_path / ".hidden").mkdir()
+    ds = image_folder(tmp_path)
+    assert ds.classes == ["a_dog", "b_cat"]
+    assert ds.labels == [0, 0, 0, 1, 1]
+    assert [p.parent.parent.name for p in ds.paths] == ["a_dog"] * 3 + ["b_cat"] * 2
+    (tmp_path / "c_empty").mkdir()
+    with pytest.raises(ImageError, match="c_empty"):
+        image_folder(tmp_path)
+    with pytest.raises(ImageError):
+        image_folder(tmp_path / "nope")

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import typer
 
+from . import advise as _advise
+from . import cam as _cam
+from . import dump as _dump
 from . import layers as _layers
+from . import probe as _probe
+from . import report as _report
+from . import similarity as _similarity
 from . import summary as _summary
 
 __all__ = ["app", "main"]
@@ -45,8 +51,15 @@ def _root(
     """
 
 
+# One line per command; each command lives in its own file.
 app.command("layers")(_layers.layers)
 app.command("summary")(_summary.summary)
+app.command("dump")(_dump.dump)
+app.command("probe")(_probe.probe)
+app.command("similarity")(_similarity.similarity)
+app.command("cam")(_cam.cam)
+app.command("advise")(_advise.advise)
+app.command("report")(_report.report)
 
 
 def main() -> None:
