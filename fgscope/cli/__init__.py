@@ -55,6 +55,7 @@ def _root(
 app.command("layers")(_layers.layers)
 app.command("summary")(_summary.summary)
 app.command("dump")(_dump.dump)
+app.command("dump-merge")(_dump.dump_merge)
 app.command("probe")(_probe.probe)
 app.command("similarity")(_similarity.similarity)
 app.command("cam")(_cam.cam)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["dump"]
+__all__ = ["dump", "dump_merge"]
 
 
 def dump() -> None:
@@ -10,3 +10,10 @@ def dump() -> None:
     from ..errors import FgscopeError
 
     raise FgscopeError("`fgscope dump` is not implemented yet")
+
+
+def dump_merge() -> None:
+    """(in development)"""
+    from ..errors import FgscopeError
+
+    raise FgscopeError("`fgscope dump-merge` is not implemented yet")
