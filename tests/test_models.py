@@ -162,7 +162,7 @@ def test_preprocess_matches_torchvision_transforms(pretrained, photo):
     ],
 )
 def test_weights_preprocess_matches_their_transforms(weights, photo):
-    preprocess = models._weights_preprocess(weights)
+    preprocess = models.hub._weights_preprocess(weights)
     assert torch.equal(preprocess(photo), weights.transforms()(photo))
     gray = photo.convert("L")  # converted to RGB, as images.load would have done
     assert torch.equal(preprocess(gray), weights.transforms()(gray.convert("RGB")))
@@ -242,7 +242,7 @@ def test_weights_found_in_hub_cache_and_in_weights_path(tmp_path, monkeypatch):
     assert load_model().source.path == str(cache / MOBILENET_FILE)
 
     (cache / MOBILENET_FILE).unlink()
-    monkeypatch.setattr(models, "_OFFLINE_PACKAGES", ())
+    monkeypatch.setattr(models.hub, "_OFFLINE_PACKAGES", ())
     _raises(ModelLoadError, "mobilenet_v2")
     extra = tmp_path / "extra"
     extra.mkdir()
@@ -554,7 +554,7 @@ TV = torchvision.models
 )
 def test_build_matches_torchvision_builder(name, weights, monkeypatch):
     # torchvision's builder loads (strictly) what our weights=None build produced: same modules.
-    ours = models._build(name, weights=weights, device="meta")
+    ours = models.hub._build(name, weights=weights, device="meta")
     state = ours.state_dict()
     monkeypatch.setattr(type(weights), "get_state_dict", lambda self, *a, **k: state)
     with torch.device("meta"):
@@ -565,7 +565,7 @@ def test_build_matches_torchvision_builder(name, weights, monkeypatch):
 
 def test_densenet_legacy_keys_are_remapped():
     # torchvision's densenet files spell 'norm1.weight' as 'norm.1.weight'.
-    state = models._signature("densenet121")
+    state = models.hub._signature("densenet121")
     legacy = r"(denselayer\d+\.(?:norm|relu|conv))([12])\.(weight|bias|running_mean|running_var)$"
     old = {re.sub(legacy, r"\1.\2.\3", k): v for k, v in state.items()}
-    assert old != state and models._remap_legacy("densenet121", old) == state
+    assert old != state and models.hub._remap_legacy("densenet121", old) == state

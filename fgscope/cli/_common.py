@@ -21,6 +21,7 @@ __all__ = [
     "SizeOpt",
     "MeanOpt",
     "StdOpt",
+    "NumClassesOpt",
     "DeviceOpt",
     "DtypeOpt",
     "guarded",
@@ -68,6 +69,14 @@ StdOpt = Annotated[
     tuple[float, float, float] | None,
     typer.Option(help="Normalisation std per channel (default: the weights' own, else ImageNet)."),
 ]
+NumClassesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-classes",
+        min=1,
+        help="Classes of a state_dict's classifier when they cannot be inferred.",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")]
 DtypeOpt = Annotated[
     str, typer.Option(help="float32 | float16 | bfloat16 (autocast where supported).")
@@ -83,6 +92,7 @@ def model_kwargs(
     size: int | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    num_classes: int | None = None,
 ) -> dict:
     """Keyword arguments for `fgscope.models.load_model` from the shared options."""
     return {
@@ -92,6 +102,7 @@ def model_kwargs(
         "size": size,
         "mean": mean,
         "std": std,
+        "num_classes": num_classes,
     }
 
 

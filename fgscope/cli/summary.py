@@ -15,6 +15,7 @@ from ._common import (
     DeviceOpt,
     LayersOpt,
     ModelArg,
+    NumClassesOpt,
     SizeOpt,
     TrustOpt,
     WeightsOpt,
@@ -37,6 +38,7 @@ def summary(
     arch: ArchOpt = None,
     trust: TrustOpt = False,
     size: SizeOpt = None,
+    num_classes: NumClassesOpt = None,
     device: DeviceOpt = "cpu",
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the table and totals as JSON.")
@@ -54,7 +56,8 @@ def summary(
         from ..models import load_model
 
         dev = resolve_device(device)
-        loaded = load_model(model, **model_kwargs(weights, arch, trust, size))
+        kwargs = model_kwargs(weights, arch, trust, size, num_classes=num_classes)
+        loaded = load_model(model, **kwargs)
         loaded.module.to(dev)
         result = summarize(loaded.module, loaded.input_size, layers, device=dev)
         _print_table(console, result, loaded)
