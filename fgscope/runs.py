@@ -37,6 +37,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+            # mkstemp creates files 0600; give the final file the usual umask-based mode.
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         except BaseException:
             with _suppress():
@@ -47,6 +49,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f"cannot write {path}: {exc.strerror or exc}",
             hint="check free disk space and permissions, or choose another --out",
         ) from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class _suppress:

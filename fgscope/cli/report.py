@@ -1,12 +1,123 @@
-"""`fgscope report`: placeholder until its issue lands (replaced by the real command)."""
+"""`fgscope report [MODEL] [IMAGES...]`: one self-contained HTML page and figures for papers."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ._common import (
+    ArchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LayersOpt,
+    MeanOpt,
+    SizeOpt,
+    StdOpt,
+    TrustOpt,
+    WeightsOpt,
+    guarded,
+    model_kwargs,
+)
 
 __all__ = ["report"]
 
 
-def report() -> None:
-    """(in development)"""
-    from ..errors import FgscopeError
+def report(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="torchvision name or model file (see `fgscope summary --help`); default: the "
+            "embedded ImageNet MobileNetV2. With --from: more run folders.",
+            show_default=False,
+        ),
+    ] = None,
+    images: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Image files, folders (recursive) or globs; default: a sample photo.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (default: a new one under fgscope-out/)."),
+    ] = None,
+    from_: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--from",
+            help="Build the page from earlier run folders (layers, cam, probe, advise, "
+            "similarity, dump or report) without recomputing; repeat it or list folders after it.",
+            show_default=False,
+        ),
+    ] = None,
+    probe_data: Annotated[
+        Path | None,
+        typer.Option(help="Labelled images (one subfolder per class) for linear probes and advice."),
+    ] = None,
+    coarse_map: Annotated[
+        Path | None,
+        typer.Option(help="JSON map from fine to coarse class names, for coarse-label probes."),
+    ] = None,
+    format_: Annotated[
+        str, typer.Option("--format", help="Paper figure formats, comma-separated: png, pdf, svg.")
+    ] = "png,pdf,svg",
+    width: Annotated[
+        str, typer.Option(help="Paper figure width: single (3.5 in column) or double (7 in).")
+    ] = "double",
+    layers_: LayersOpt = "blocks",
+    max_images: Annotated[
+        int, typer.Option(min=1, help="Images shown in the grids and the paper hierarchy figure.")
+    ] = 3,
+    overwrite: Annotated[
+        bool, typer.Option(help="Reuse --out even if it holds files (they are replaced).")
+    ] = False,
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    trust: TrustOpt = False,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """One self-contained HTML page and figures for papers, for one model and its images.
 
-    raise FgscopeError("`fgscope report` is not implemented yet")
+    Runs `layers` (and Grad-CAM on the first image, layer-by-layer CKA with 4+ images,
+    linear probes and advice with --probe-data) into sub-folders, then writes report.html
+    (run summary, abstraction table, hierarchy, geometry, stage grids, and the other
+    results; images embedded, nothing loaded from the network) and figures/ (3.5 or 7 in
+    wide, in each --format). With --from RUN_DIR... it builds the same page from earlier
+    runs without recomputing.
+    """
+    console = Console(highlight=False)
+    with guarded():
+        from ..analysis.report import ReportConfig, run_report
+        from ..device import tune_host_allocator
+
+        from_dirs = list(from_ or [])
+        if from_dirs:  # `--from a b c`: the positional arguments are run folders too
+            from_dirs += [Path(p) for p in ([model] if model else []) + list(images or [])]
+            model, images = None, []
+        else:
+            tune_host_allocator()
+        config = ReportConfig(
+            model=model or "mobilenet_v2",
+            images=list(images or []),
+            from_dirs=from_dirs,
+            out=out,
+            overwrite=overwrite,
+            probe_data=probe_data,
+            coarse_map=coarse_map,
+            formats=tuple(format_.split(",")),
+            width=width,
+            layers=layers_,
+            max_images=max_images,
+            model_kwargs=model_kwargs(weights, arch, trust, size, mean, std),
+            device=device,
+            dtype=dtype,
+        )
+        run_report(config, console)

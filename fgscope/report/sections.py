@@ -1,0 +1,324 @@
+"""The page's sections about the model and its layers, each read from a run folder's files.
+
+One function per section (run summary, abstraction table, hierarchy, geometry, grids,
+figures for papers); `fgscope.report.results` has those of the other commands. Nothing is
+recomputed: the numbers are the ones the runs wrote. The file each reads is in its docstring;
+missing optional keys show as blanks rather than failing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .cells import fmt, fmt_int, kv_table, name_cell, short_hash, sort_value, stage_cell
+from .html import Cell, Section, cite, esc, img_html, table_html
+from .runs import RunFolder, Runs, read_json
+
+__all__ = [
+    "summary_section",
+    "table_section",
+    "stage_layers",
+    "hierarchy_section",
+    "geometry_section",
+    "grids_section",
+    "figures_section",
+]
+
+
+def _model_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
+    pre = model.get("preprocess") or {}
+    pre_txt = ""
+    if pre:
+        parts = []
+        if pre.get("resize_size") is not None:
+            parts.append(f"resize {fmt(pre['resize_size'], 'g')}")
+        if pre.get("crop_size") is not None:
+            parts.append(f"crop {fmt(pre['crop_size'], 'g')}")
+        if pre.get("mean") is not None:
+            parts.append("mean " + ", ".join(f"{m:.3f}" for m in pre["mean"]))
+        if pre.get("std") is not None:
+            parts.append("std " + ", ".join(f"{s:.3f}" for s in pre["std"]))
+        pre_txt = esc("; ".join(parts))
+    macs = model.get("macs_per_image")
+    macs_txt = ""
+    if macs:
+        macs_txt = f"{macs / 1e9:.2f} G" if macs >= 1e9 else f"{macs / 1e6:.0f} M"
+    kind = " · ".join(esc(x) for x in (model.get("kind"), model.get("arch")) if x)
+    return [
+        ("model", f'<span class="mono">{esc(model.get("spec", "?"))}</span>' + (f" ({kind})" if kind else "")),
+        ("weights", esc(model.get("weights") or "none (random init)")),
+        ("file", f'<span class="mono">{esc(model["path"])}</span>' if model.get("path") else ""),
+        ("sha256", short_hash(model.get("sha256"))),
+        ("input size", fmt(model.get("input_size"), "g")),
+        ("preprocessing", pre_txt),
+        ("mult-adds / image", macs_txt),
+        ("notes", esc("; ".join(model.get("notes") or []))),
+    ]
+
+
+def summary_section(runs: Runs) -> Section | None:
+    """Model, weights, images, device, versions, command and predictions.
+
+    Read from the manifests (`layers` first, else the first run that has a `model`):
+    model {spec, kind, arch, weights, path, sha256, notes, input_size, preprocess,
+    macs_per_image}, images [{path, sha256, size}], failures, device, dtype, versions, argv,
+    predictions [{image, top5: [{label, prob}]}].
+    """
+    ref = runs.layers or next((r for r in runs.all if r.manifest.get("model")), None)
+    if ref is None and not runs.all:
+        return None
+    man = ref.manifest if ref else runs.all[0].manifest
+    model = man.get("model") or {}
+    if isinstance(model, str):
+        model = {"spec": model}
+    rows = _model_rows(model) if model else []
+    images = man.get("images") or []
+    failures = man.get("failures") or []
+    img_txt = f"{len(images)}" + (f" ({len(failures)} unreadable, skipped)" if failures else "")
+    versions = man.get("versions") or {}
+    rows += [
+        ("images", img_txt if images else ""),
+        ("device", esc(" · ".join(str(x) for x in (man.get("device"), man.get("dtype")) if x))),
+        ("versions", esc(" · ".join(f"{k} {v}" for k, v in versions.items()))),
+        ("command", f'<code>{esc(" ".join(man.get("argv") or []))}</code>' if man.get("argv") else ""),
+        ("run folders", "<br />".join(
+            f'{esc(r.kind)}: <span class="mono">{esc(r.path)}</span>' for r in runs.all)),
+    ]
+    body = kv_table(rows)
+    if images:
+        shown = images[:12]
+        img_rows = [
+            [name_cell(Path(str(im.get("path", ""))).name),
+             Cell(esc(fmt(im.get("size"), "g")), sort_value(im.get("size"))),
+             Cell(short_hash(im.get("sha256")), str(im.get("sha256", "")), "l")]
+            for im in shown
+        ]
+        body += "<h3>Images</h3>" + table_html(
+            [("image", ""), ("size (w×h)", "as stored, before preprocessing"), ("sha256", "")],
+            img_rows, sortable=False, fit=True,
+        )
+        if len(images) > len(shown):
+            body += f"<p>… and {len(images) - len(shown)} more (all listed in the manifest).</p>"
+    for f in failures[:5]:
+        body += f'<p class="lead">skipped: {esc(f.get("reason", f.get("path", "")))}</p>'
+    preds = man.get("predictions") or []
+    if preds:
+        body += "<h3>Top-5 predictions</h3>"
+        if len(preds) > 8:
+            body += f"<p>The first 8 of {len(preds)} images.</p>"
+        blocks = []
+        for p in preds[:8]:
+            items = "".join(
+                f'<tr><td class="l">{esc(t.get("label"))}</td><td class="bar-cell">'
+                f'<span class="bar" style="width:{60 * float(t.get("prob", 0)):.1f}px"></span>'
+                f'{100 * float(t.get("prob", 0)):.1f}%</td></tr>'
+                for t in p.get("top5") or []
+            )
+            blocks.append(
+                f'<div><strong class="mono">{esc(Path(str(p.get("image", ""))).name)}</strong>'
+                f'<div class="scroll"><table class="kv"><tbody>{items}</tbody></table></div></div>'
+            )
+        body += f'<div class="grid2">{"".join(blocks)}</div>'
+    lead = (
+        "What was run, on what, and where: enough to reproduce every number and figure below. "
+        "Each run folder also keeps its own <code>manifest.json</code>."
+    )
+    return Section("summary", "Run summary", lead, body)
+
+
+# (column key, header, tooltip, format)
+_TABLE: list[tuple[str, str, str, str]] = [
+    ("index", "#", "position in execution order", "d"),
+    ("name", "layer", "record name (module path; :k = k-th call)", ""),
+    ("type", "type", "module class", ""),
+    ("shape", "shape", "output shape without the batch: C×H×W or F", ""),
+    ("stride", "stride", "effective stride in input pixels (larger axis)", "g"),
+    ("rf", "rf (px)", "theoretical receptive field in input pixels; ~ = approximate", "g"),
+    ("rf_frac", "rf / input", "receptive field divided by the input side", ".2f"),
+    ("params", "params", "parameters of the module, submodules included", ","),
+    ("stage", "stage", "early / middle / late, from the model's own downsampling", ""),
+    ("sparsity", "sparsity", "fraction of activations ≤ 0", ".3f"),
+    ("concentration", "concentration", "1 − normalised spatial entropy of the activation energy", ".3f"),
+    ("eff_dim", "eff. dim", "participation ratio of the channel covariance over positions", ".1f"),
+    ("mean", "mean", "mean activation", ".3g"),
+    ("max", "max", "max activation (per image, averaged)", ".3g"),
+    ("cka_input", "CKA in", "linear CKA to the input pixels (≥ 3 images)", ".3f"),
+    ("cka_output", "CKA out", "linear CKA to the model output (≥ 3 images)", ".3f"),
+    ("abstraction", "abstraction", "CKA out / (CKA in + CKA out): 0 like pixels, 1 like output", ".3f"),
+    ("transfer", "transfer", "fine-label linear-probe accuracy (avg pooling, k-fold CV)", ".3f"),
+]
+
+
+# Shown inside other columns (spatial, channels: in shape; rf_exact: the ~ of rf).
+_HIDDEN = ("spatial", "channels", "rf_exact", "per_image")
+
+
+def _layers_json(run: RunFolder) -> dict[str, Any]:
+    data = read_json(run.path / "layers.json", "layers")
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+        raise ConfigError(f"{run.path / 'layers.json'} has no 'layers' list", hint="re-run fgscope layers")
+    return data
+
+
+def table_section(run: RunFolder) -> Section:
+    """The abstraction table from `layers.json` ({"columns": [...], "layers": [row, ...]}),
+    sortable. Known columns get their format and definition; columns added later (listed
+    in "columns") are shown as they are; columns empty in every row are left out."""
+    data = _layers_json(run)
+    rows = data["layers"]
+    known = {c[0]: c for c in _TABLE}
+    keys = [k for k in (data.get("columns") or list(known)) if k not in _HIDDEN]
+    keys += [k for k in known if k not in keys and any(k in r for r in rows)]
+    cols = [known.get(k, (k, k, "", ".3g")) for k in keys if any(r.get(k) is not None for r in rows)]
+    body_rows = []
+    for r in rows:
+        cells = []
+        for key, _, _, spec in cols:
+            v = r.get(key)
+            if key == "name":
+                cells.append(name_cell(v))
+            elif key == "stage":
+                cells.append(stage_cell(v))
+            elif key in ("type", "shape") or isinstance(v, (str, list)):
+                cells.append(Cell(esc(fmt(v, "g")), sort_value(v), "l"))
+            elif key == "rf":
+                approx = "~" if v is not None and r.get("rf_exact") is False else ""
+                cells.append(Cell(approx + fmt_int(v), sort_value(v)))
+            elif key == "params":
+                cells.append(Cell("" if v is None else f"{int(v):,}", sort_value(v)))
+            else:
+                cells.append(Cell(fmt(v, spec), sort_value(v)))
+        body_rows.append(cells)
+    table = table_html([(h, tip) for _, h, tip, _ in cols], body_rows)
+    note = ""
+    if not any(c[0] == "cka_input" for c in cols):
+        note = ('<p class="lead">The CKA and abstraction columns need at least 3 images '
+                "(with 2, linear CKA is identically 1).</p>")
+    lead = (
+        "One row per recorded layer: geometry, the stage, and statistics measured on the images. "
+        "Click a header to sort; hover it for the definition. Receptive fields after "
+        f"{cite('araujo2019')}, effective dimensionality after {cite('gao2017')}, CKA after "
+        f"{cite('kornblith2019')}."
+    )
+    return Section("table", "Abstraction table", lead, table + note)
+
+
+def stage_layers(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last recorded map at each resolution (the hierarchy figure's columns), as rows.
+
+    The rule of `fgscope.analysis.layers_run.hierarchy_columns` (a test checks they agree),
+    restated on JSON rows so that `report --from` does not import torch (seconds).
+    """
+    maps = [r for r in rows if r.get("spatial") and r["spatial"][0] * r["spatial"][1] > 1]
+    return [r for i, r in enumerate(maps)
+            if i + 1 == len(maps) or maps[i + 1]["spatial"] != r["spatial"]]
+
+
+def hierarchy_section(run: RunFolder, figure: Path | None = None, shown: int | None = None) -> Section | None:
+    """`hierarchy.png` of a layers run, or `figure`: the same picture for its first `shown`
+    images (a layers run's figure has one row per image, too tall to embed for many)."""
+    path = figure or run.path / "hierarchy.png"
+    if not path.is_file():
+        return None
+    n = len(run.manifest.get("images") or [])
+    caption = f"The first {shown} of {n} images." if shown is not None and shown < n else None
+    lead = (
+        "Per image, the activation energy (mean over channels of a²) of the last layer at each "
+        "resolution, upsampled over the image and scaled per panel: early layers light up on "
+        "edges and textures, middle ones on parts, late ones on whole objects "
+        f"{cite('zeiler2014', 'yosinski2014')}."
+    )
+    return Section("hierarchy", "Hierarchy: edges → parts → objects", lead, img_html(
+        path, "activation energy of the last layer at each resolution, per image", caption))
+
+
+def geometry_section(run: RunFolder) -> Section | None:
+    """`geometry.png` of a layers run."""
+    path = run.path / "geometry.png"
+    if not path.is_file():
+        return None
+    lead = (
+        "Spatial size, channels and theoretical receptive field of every recorded layer against "
+        "depth, stages shaded. Receptive fields follow the tensors of a real forward pass, "
+        f"across branches and skip connections {cite('araujo2019')}."
+    )
+    return Section("geometry", "Geometry", lead,
+                   img_html(path, "spatial size, channels and receptive field against depth"))
+
+
+def _grid_folders(run: RunFolder) -> list[Path]:
+    grids = run.path / "grids"
+    if not grids.is_dir():
+        return []
+    folders = sorted(p for p in grids.iterdir() if p.is_dir())
+    # Image order = order of first appearance in the manifest's file list (images are
+    # written in input order); folders it does not list go last, by name.
+    first: dict[str, int] = {}
+    for i, f in enumerate(run.manifest.get("files") or []):
+        parts = Path(f).parts
+        if len(parts) >= 3 and parts[0] == "grids":
+            first.setdefault(parts[1], i)
+    return sorted(folders, key=lambda p: (first.get(p.name, math.inf), p.name))
+
+
+def grids_section(run: RunFolder, max_images: int = 3) -> Section | None:
+    """Per image, the grids (`grids/<image>/<NNN>_<layer>.png`) of the stage layers only."""
+    folders = _grid_folders(run)
+    if not folders:
+        return None
+    rows = _layers_json(run)["layers"]
+    stages = stage_layers(rows)
+    body = []
+    for folder in folders[:max_images]:
+        figs = []
+        for r in stages:
+            hits = sorted(folder.glob(f"{int(r['index']):03d}_*.png"))
+            if hits:
+                cap = (f'<span class="mono">{esc(r["name"])}</span> · stride {fmt_int(r.get("stride"))} · '
+                       f'rf {fmt_int(r.get("rf"))} px · <span class="dot-{esc(r.get("stage"))}">'
+                       f'{esc(r.get("stage"))}</span>')
+                figs.append(img_html(hits[0], f"top channels of {r['name']} on {folder.name}", cap))
+        if figs:
+            body.append(f'<h3 class="mono">{esc(folder.name)}</h3><div class="gallery">'
+                        + "".join(figs) + "</div>")
+    if not body:
+        return None
+    more = ""
+    if len(folders) > max_images:
+        more = (f"<p>The first {max_images} of {len(folders)} images; the layers run folder "
+                "has every layer for every image.</p>")
+    lead = (
+        "The most active channels of the last layer at each resolution, each tile on its own "
+        "colour scale: edge and colour detectors early, textures and parts in the middle, "
+        f"coarse object-level maps late {cite('zeiler2014')}. Other layers' grids are in the "
+        "layers run folder."
+    )
+    return Section("grids", "Activation grids per stage", lead, "".join(body) + more)
+
+
+def figures_section(files: Sequence[Path], width_in: float, root: Path) -> Section | None:
+    """The paper figures written next to the page (listed, not linked: the page stands alone)."""
+    if not files:
+        return None
+    by_stem: dict[str, list[Path]] = {}
+    for f in files:
+        by_stem.setdefault(f.stem, []).append(f)
+    rows = [
+        [name_cell(stem), Cell(", ".join(
+            f'<span class="mono">{esc(p.relative_to(root))}</span> ({p.stat().st_size / 1024:.0f} kB)'
+            for p in paths), None, "l")]
+        for stem, paths in by_stem.items()
+    ]
+    table = table_html([("figure", ""), ("files", "next to report.html")], rows, sortable=False,
+                       fit=True)
+    column = "one column" if width_in < 5 else "two columns"
+    lead = (
+        f"The figures above, re-drawn {width_in:g} in wide ({column}) in fgscope's one style "
+        "(7–9 pt text, fonts embedded) for papers. Plots are vector in PDF and SVG; image "
+        "panels stay raster inside them, so files stay small."
+    )
+    return Section("figures", "Figures for papers", lead, table)
