@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt torchlens || echo "torchlens not installed: peer skipped"
 	$(BIN)/python bench/capture.py
 	$(BIN)/python bench/render.py
+	$(BIN)/python bench/cka.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check fgscope tests bench

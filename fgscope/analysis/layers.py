@@ -65,6 +65,9 @@ class LayerStats:
         cka_input: linear CKA to the input pixels (None with fewer than 3 images).
         cka_output: linear CKA to the model's output.
         abstraction: cka_output / (cka_input + cka_output): 0 = like pixels, 1 = like output.
+        transfer: fine-label linear-probe accuracy on a labelled data set (avg pooling,
+            k-fold CV mean), filled by `fgscope layers --probe-data`; None otherwise.
+        transfer_std: its std over folds.
         per_image: each statistic per image, in image order.
     """
 
@@ -88,6 +91,8 @@ class LayerStats:
     cka_input: float | None = None
     cka_output: float | None = None
     abstraction: float | None = None
+    transfer: float | None = None
+    transfer_std: float | None = None
     per_image: dict[str, list[float | None]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

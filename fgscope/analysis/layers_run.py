@@ -6,6 +6,10 @@ Output folder:
     hierarchy.png                        per image: the image, then energy at each stage
     geometry.png                         spatial size, channels, receptive field vs depth
     manifest.json                        versions, model, images, command, predictions, timings
+
+With `probe_data` (an ImageFolder of labelled images) the table gains a `transfer` column:
+the fine-label linear-probe accuracy of each layer (avg pooling, k-fold CV; see
+`fgscope.analysis.probe`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import io
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +62,14 @@ class LayersConfig:
     device: str = "auto"
     dtype: str = "float32"
     batch_size: int = 16
+    probe_data: Path | None = None
+    probe_folds: int = 5
 
     def check(self) -> None:
         if self.rank not in _RANKS:
             raise ConfigError(f"--rank {self.rank!r} is not one of {', '.join(_RANKS)}")
+        if self.probe_data is not None and self.probe_folds < 2:
+            raise ConfigError(f"--probe-folds must be at least 2, got {self.probe_folds}")
         if self.normalize not in _NORMS:
             raise ConfigError(f"--normalize {self.normalize!r} is not one of {', '.join(_NORMS)}")
         try:
@@ -84,23 +92,23 @@ def _fmt_cell(v: Any) -> str:
     return str(v)
 
 
-def table_csv(rows: list[LayerStats]) -> str:
+def table_csv(rows: list[LayerStats], columns: list[str] = TABLE_COLUMNS) -> str:
     """The table as CSV; lists are written as `32x112x112`, missing values as empty cells."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(TABLE_COLUMNS)
+    w.writerow(columns)
     for r in rows:
         d = r.to_dict()
-        w.writerow([_fmt_cell(d[c]) if isinstance(d[c], list) else ("" if d[c] is None else d[c]) for c in TABLE_COLUMNS])
+        w.writerow([_fmt_cell(d[c]) if isinstance(d[c], list) else ("" if d[c] is None else d[c]) for c in columns])
     return buf.getvalue()
 
 
-def table_markdown(rows: list[LayerStats]) -> str:
+def table_markdown(rows: list[LayerStats], columns: list[str] = TABLE_COLUMNS) -> str:
     """The table as GitHub Markdown (numbers rounded to 4 significant digits)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         d = r.to_dict()
-        lines.append("| " + " | ".join(_fmt_cell(d[c]) or "–" for c in TABLE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt_cell(d[c]) or "–" for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,6 +132,7 @@ def _fixed(v: float | None, digits: int) -> str:
 
 def _print_table(console: Console, result: InspectResult) -> None:
     has_cka = any(r.abstraction is not None for r in result.rows)
+    has_transfer = any(r.transfer is not None for r in result.rows)
     wide = console.width >= 130
     t = Table(
         title="abstraction table", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
@@ -132,6 +141,8 @@ def _print_table(console: Console, result: InspectResult) -> None:
     cols = ["#", "name", "type", "shape", "stride", "rf", "stage", "sparse", "conc", "effdim", "mean", "max"]
     if has_cka:
         cols += ["CKA in", "CKA out", "abstr."]
+    if has_transfer:
+        cols += ["transfer"]
     if not wide:
         cols.remove("type")
         cols.remove("mean")
@@ -151,6 +162,8 @@ def _print_table(console: Console, result: InspectResult) -> None:
         ]
         if has_cka:
             cells += [_fixed(r.cka_input, 3), _fixed(r.cka_output, 3), _fixed(r.abstraction, 3)]
+        if has_transfer:
+            cells += [_fixed(r.transfer, 3)]
         if not wide:  # a narrow terminal: type and mean go first (the files have everything)
             del cells[10]
             del cells[2]
@@ -171,7 +184,7 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
 
     console = console or Console(quiet=True)
     config.check()
-    t0 = time.perf_counter()
+    t0 = started = time.perf_counter()
     lm = load_model(config.model, **config.model_kwargs)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -180,9 +193,31 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
         batch_size=config.batch_size,
     )
     t_inspect = time.perf_counter() - t0
-    run = RunDir(new_run_dir(config.out, "layers", config.overwrite), "layers")
+    probe_info = None
+    columns = list(TABLE_COLUMNS)
+    if config.probe_data is not None:
+        from .probe import transfer_accuracy
+
+        t0 = time.perf_counter()
+        acc, probed = transfer_accuracy(
+            lm, config.probe_data, config.layers, folds=config.probe_folds, device=config.device,
+            dtype=config.dtype, batch_size=config.batch_size, console=console,
+        )
+        result.rows = [
+            replace(r, transfer=acc[r.name][0], transfer_std=acc[r.name][1]) if r.name in acc else r
+            for r in result.rows
+        ]
+        columns.append("transfer")
+        probe_info = {
+            "data": str(config.probe_data), "n_images": probed.n_images, "classes": list(probed.classes),
+            "folds": probed.folds, "seed": probed.seed, "pool": "avg", "granularity": "fine",
+            "seconds": round(time.perf_counter() - t0, 4), "notes": list(probed.notes),
+        }
+    run = RunDir(new_run_dir(config.out, "layers", config.overwrite), "layers", started=started)
     run.time("load_model", t_load)
     run.time("inspect", t_inspect)
+    if probe_info is not None:
+        run.time("probe", probe_info.pop("seconds"))
     src = lm.source
     run.manifest.update(
         model={
@@ -206,20 +241,23 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
             for li, preds in zip(result.images, result.predictions or [])
         ] or None,
     )
+    if probe_info is not None:
+        run.manifest["probe"] = probe_info
     for f in result.failures:
         console.print(f"[yellow]skipped[/] {f.reason}")
 
     t0 = time.perf_counter()
     rows = result.rows
-    write_text(run.file("layers.csv"), table_csv(rows))
+    write_text(run.file("layers.csv"), table_csv(rows, columns))
     write_json(run.file("layers.json"), {
         "model": run.manifest["model"]["spec"],
         "input_size": list(lm.input_size),
         "images": [str(li.path) for li in result.images],
-        "columns": TABLE_COLUMNS,
+        "columns": columns,
         "layers": result.table(),
+        **({"probe": probe_info} if probe_info is not None else {}),
     })
-    write_text(run.file("layers.md"), table_markdown(rows))
+    write_text(run.file("layers.md"), table_markdown(rows, columns))
     for name in ("layers.csv", "layers.json", "layers.md"):
         run.wrote(run.path / name)
 

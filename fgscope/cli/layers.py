@@ -71,12 +71,23 @@ def layers(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward.")] = 16,
+    probe_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Labelled images (ImageFolder: DATA/<class>/<image>): add a `transfer` column, "
+            "each layer's fine-label linear-probe accuracy (avg pooling, k-fold CV)."
+        ),
+    ] = None,
+    probe_folds: Annotated[
+        int, typer.Option(help="Folds of the cross-validation for --probe-data.")
+    ] = 5,
 ) -> None:
     """Show how features change with depth: table, activation grids, hierarchy figure.
 
     Writes layers.csv/.json/.md (one row per recorded layer call: shape, stride, receptive
     field, stage and statistics measured on the images), grids/ (top-k channels per layer
     and image), hierarchy.png, geometry.png and manifest.json into the output folder.
+    With --probe-data the table gains a `transfer` column (see `fgscope probe`).
     """
     console = Console(highlight=False)
     with guarded():
@@ -100,5 +111,7 @@ def layers(
             device=device,
             dtype=dtype,
             batch_size=batch_size,
+            probe_data=probe_data,
+            probe_folds=probe_folds,
         )
         run_layers(config, console)
