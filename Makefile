@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/capture.py
 	$(BIN)/python bench/render.py
 	$(BIN)/python bench/cka.py
+	$(BIN)/python bench/dump.py --threads 1 --workers 1
 
 lint: $(STAMP)
 	$(BIN)/ruff check fgscope tests bench

@@ -29,12 +29,19 @@ _LAZY = {
     "load_images": "fgscope.images",
     "discover": "fgscope.images",
     "FgscopeError": "fgscope.errors",
+    "run_probe": "fgscope.analysis.probe",
+    "run_similarity": "fgscope.analysis.similarity",
+    "run_cam": "fgscope.analysis.cam",
+    "run_dump": "fgscope.analysis.dump",
+    "run_report": "fgscope.analysis.report",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("store", "metrics", "models", "images", "geometry"):  # submodules
+        return importlib.import_module(f"fgscope.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
