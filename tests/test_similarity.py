@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from fgscope.analysis import similarity as sim
+from fgscope.analysis import similarity_cka
 from fgscope.analysis.similarity import CkaAccumulator, centered_gram, compute_similarity
 from fgscope.cli import app
 from fgscope.metrics import MinibatchCKA, center_gram, linear_cka
@@ -75,7 +76,7 @@ def test_centered_gram_is_hkh_in_chunks(monkeypatch):
     k = x @ x.T
     h = torch.eye(9, dtype=torch.float64) - 1 / 9
     assert torch.allclose(centered_gram(x), h @ k @ h, atol=1e-10)
-    monkeypatch.setattr(sim, "_GRAM_CHUNK_BYTES", 8 * 9 * 4)  # 4 columns per chunk
+    monkeypatch.setattr(similarity_cka, "_GRAM_CHUNK_BYTES", 8 * 9 * 4)  # 4 columns per chunk
     x32 = x.float()
     before = x32.clone()
     assert torch.allclose(centered_gram(x32), h @ (x32.double() @ x32.double().T) @ h, atol=1e-8)
