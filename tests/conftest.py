@@ -127,3 +127,23 @@ def reference_records(model: nn.Module, x: torch.Tensor, names: list[str]) -> li
         for h in handles:
             h.remove()
     return out
+
+
+def run(*args):
+    """Invoke the CLI in-process (typer's CliRunner); every argument is str()-ed."""
+    from typer.testing import CliRunner
+
+    from fgscope.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, code: int, *needles: str) -> None:
+    """The CLI failed with `code`, one `error:` line on stderr naming `needles`, no traceback."""
+    assert result.exit_code == code, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error:"), err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in err, err

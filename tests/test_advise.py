@@ -8,19 +8,15 @@ import json
 import pytest
 import torch
 import torchvision
-from typer.testing import CliRunner
+from conftest import run
 
 from fgscope.analysis.advise import make_advice
-from fgscope.cli import app
 from fgscope.errors import ConfigError
 from fgscope.synthetic import generate
 
-runner = CliRunner()
 LAYERS = [("l1", "early", 4, 20), ("l2", "middle", 8, 60), ("l3", "middle", 16, 150), ("l4", "late", 32, 400)]
 
 
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def make_probe(curves: dict[tuple[str, str], list[float]], std: float = 0.02, cka=None) -> dict:

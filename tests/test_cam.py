@@ -8,30 +8,19 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import assert_one_line_error, run
 from PIL import Image
 from torch import nn
-from typer.testing import CliRunner
 
 from fgscope.analysis.cam import ClassRef, compute_cams, grad_cam, resolve_class
-from fgscope.cli import app
 from fgscope.errors import ConfigError, LayerNotFoundError
 from fgscope.models import load_model
 
-runner = CliRunner()
 LABELS = ("Siamese cat", "Persian cat", "tabby", "tiger cat", "lynx")
 
 
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def assert_one_line_error(result, code: int, *needles: str) -> None:
-    assert result.exit_code == code, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error:") and len(err.splitlines()) == 1, err
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in err, err
 
 
 def _image(size: int = 16, seed: int = 0) -> Image.Image:

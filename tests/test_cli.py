@@ -11,26 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import assert_one_line_error, run
 from PIL import Image
-from typer.testing import CliRunner
-
-from fgscope.cli import app
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, code: int, *needles: str) -> None:
-    assert result.exit_code == code, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error:"), err
-    assert "Traceback" not in result.output
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 def test_help_lists_commands_and_is_lazy():

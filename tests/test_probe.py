@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import assert_one_line_error, run
 from PIL import Image
-from typer.testing import CliRunner
 
 from fgscope import metrics
 from fgscope.analysis.probe import (
@@ -25,27 +25,16 @@ from fgscope.analysis.probe import (
     load_coarse_map,
 )
 from fgscope.capture import capture
-from fgscope.cli import app
 from fgscope.errors import ConfigError
 from fgscope.models import load_model
 from fgscope.synthetic import generate
 
-runner = CliRunner()
 ROW_KEYS = {"layer", "index", "stage", "stride", "rf", "pool", "granularity", "acc_mean", "acc_std",
             "chance", "dim"}
 
 
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def assert_one_line_error(result, code: int, *needles: str) -> None:
-    assert result.exit_code == code, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error:") and len(err.splitlines()) == 1, err
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in err, err
 
 
 # --- the probe itself, on hand-built features --------------------------------------------------

@@ -15,30 +15,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import assert_one_line_error, run
 from PIL import Image, ImageDraw
-from typer.testing import CliRunner
 
 from fgscope.analysis import similarity as sim
 from fgscope.analysis import similarity_cka
 from fgscope.analysis.similarity import CkaAccumulator, centered_gram, compute_similarity
-from fgscope.cli import app
 from fgscope.metrics import MinibatchCKA, center_gram, linear_cka
 from fgscope.models import load_model
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, code: int, *needles: str) -> None:
-    assert result.exit_code == code, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error:") and len(err.splitlines()) == 1, err
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in err, err
 
 
 def _correlated(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,6 +14,11 @@ from rich.console import Console
 from ..errors import FgscopeError
 
 __all__ = [
+    "OutOpt",
+    "OverwriteOpt",
+    "FoldsOpt",
+    "SeedOpt",
+    "MaxPerClassOpt",
     "ModelArg",
     "LayersOpt",
     "WeightsOpt",
@@ -80,6 +86,22 @@ NumClassesOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")]
 DtypeOpt = Annotated[
     str, typer.Option(help="float32 | float16 | bfloat16 (autocast where supported).")
+]
+
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Output folder (default: a new one under fgscope-out/)."),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="Reuse --out even if it holds files (they are replaced).")
+]
+FoldsOpt = Annotated[int, typer.Option(help="Folds of the stratified cross-validation.")]
+SeedOpt = Annotated[
+    int,
+    typer.Option(help="Seed of folds, subsampling, projections and random init (--weights none)."),
+]
+MaxPerClassOpt = Annotated[
+    int | None, typer.Option(help="Use at most this many images per class (seeded subset).")
 ]
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)

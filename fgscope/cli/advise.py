@@ -12,9 +12,14 @@ from ._common import (
     ArchOpt,
     DeviceOpt,
     DtypeOpt,
+    FoldsOpt,
     LayersOpt,
+    MaxPerClassOpt,
     MeanOpt,
     NumClassesOpt,
+    OutOpt,
+    OverwriteOpt,
+    SeedOpt,
     SizeOpt,
     StdOpt,
     TrustOpt,
@@ -50,18 +55,11 @@ def advise(
         Path | None,
         typer.Option(help="Reuse the probe.json of a `fgscope probe` run folder instead of probing."),
     ] = None,
-    folds: Annotated[int, typer.Option(help="Folds of the stratified cross-validation.")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed of folds, subsampling, projections and random init (--weights none).")] = 0,
-    max_per_class: Annotated[
-        int | None, typer.Option(help="Use at most this many images per class (seeded subset).")
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Output folder (default: a new one under fgscope-out/)."),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Reuse --out even if it holds files (they are replaced).")
-    ] = False,
+    folds: FoldsOpt = 5,
+    seed: SeedOpt = 0,
+    max_per_class: MaxPerClassOpt = None,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
     trust: TrustOpt = False,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,6 +12,8 @@ from ._common import (
     DeviceOpt,
     LayersOpt,
     MeanOpt,
+    OutOpt,
+    OverwriteOpt,
     SizeOpt,
     StdOpt,
     TrustOpt,
@@ -55,13 +56,8 @@ def cam(
         ),
     ] = None,
     layers_: LayersOpt = "stages",
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Output folder (default: a new one under fgscope-out/)."),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Reuse --out even if it holds files (they are replaced).")
-    ] = False,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
     trust: TrustOpt = False,

@@ -15,6 +15,8 @@ from ._common import (
     LayersOpt,
     MeanOpt,
     NumClassesOpt,
+    OutOpt,
+    OverwriteOpt,
     SizeOpt,
     StdOpt,
     TrustOpt,
@@ -42,13 +44,8 @@ def layers(
         ),
     ] = None,
     layers_: LayersOpt = "blocks",
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Output folder (default: a new one under fgscope-out/)."),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Reuse --out even if it holds files (they are replaced).")
-    ] = False,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Channels per grid.")] = 16,
     rank: Annotated[
         str, typer.Option(help="Rank channels by mean | max | std | energy activation.")

@@ -12,10 +12,15 @@ from ._common import (
     ArchOpt,
     DeviceOpt,
     DtypeOpt,
+    FoldsOpt,
     LayersOpt,
+    MaxPerClassOpt,
     MeanOpt,
     ModelArg,
     NumClassesOpt,
+    OutOpt,
+    OverwriteOpt,
+    SeedOpt,
     SizeOpt,
     StdOpt,
     TrustOpt,
@@ -60,21 +65,14 @@ def probe(
     layers_: LayersOpt = "stages",
     pool: PoolOpt = None,
     coarse_map: CoarseMapOpt = None,
-    folds: Annotated[int, typer.Option(help="Folds of the stratified cross-validation.")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed of folds, subsampling, projections and random init (--weights none).")] = 0,
-    max_per_class: Annotated[
-        int | None, typer.Option(help="Use at most this many images per class (seeded subset).")
-    ] = None,
+    folds: FoldsOpt = 5,
+    seed: SeedOpt = 0,
+    max_per_class: MaxPerClassOpt = None,
     c: Annotated[
         float, typer.Option("--c", help="Inverse L2 strength of the logistic regression (C).")
     ] = 1.0,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Output folder (default: a new one under fgscope-out/)."),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Reuse --out even if it holds files (they are replaced).")
-    ] = False,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
     trust: TrustOpt = False,

@@ -14,6 +14,8 @@ from ._common import (
     DtypeOpt,
     LayersOpt,
     MeanOpt,
+    OutOpt,
+    OverwriteOpt,
     SizeOpt,
     StdOpt,
     TrustOpt,
@@ -41,10 +43,7 @@ def report(
             show_default=False,
         ),
     ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Output folder (default: a new one under fgscope-out/)."),
-    ] = None,
+    out: OutOpt = None,
     from_: Annotated[
         list[Path] | None,
         typer.Option(
@@ -72,9 +71,7 @@ def report(
     max_images: Annotated[
         int, typer.Option(min=1, help="Images shown in the grids and the paper hierarchy figure.")
     ] = 3,
-    overwrite: Annotated[
-        bool, typer.Option(help="Reuse --out even if it holds files (they are replaced).")
-    ] = False,
+    overwrite: OverwriteOpt = False,
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
     trust: TrustOpt = False,

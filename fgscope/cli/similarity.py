@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,6 +13,8 @@ from ._common import (
     DtypeOpt,
     LayersOpt,
     MeanOpt,
+    OutOpt,
+    OverwriteOpt,
     SizeOpt,
     StdOpt,
     TrustOpt,
@@ -53,13 +54,8 @@ def similarity(
         str, typer.Option(help="torchvision weights of a --vs name: default, a name, or none.")
     ] = "default",
     layers_: LayersOpt = "stages",
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Output folder (default: a new one under fgscope-out/)."),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Reuse --out even if it holds files (they are replaced).")
-    ] = False,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     batch_size: Annotated[
         int, typer.Option(min=4, help="Images per forward and per CKA minibatch.")
     ] = 32,
