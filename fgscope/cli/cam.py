@@ -71,7 +71,7 @@ def cam(
     Channel weights: the spatial mean of the gradient of the class logit
     (before softmax) with respect to each layer's maps; the map: ReLU of the
     weighted sum. The figure shows at which depth class-discriminative parts
-    appear. Writes cam.json, cam.png, one cam_<NN>_<layer>.png per layer,
+    appear. Writes cam.json, cam.png, one cam_NN_LAYER.png per layer,
     cam_raw.npz (raw maps and weights) and manifest.json.
     """
     console = Console(highlight=False)

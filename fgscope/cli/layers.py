@@ -71,7 +71,7 @@ def layers(
     probe_data: Annotated[
         Path | None,
         typer.Option(
-            help="Labelled images (ImageFolder: DATA/<class>/<image>): add a `transfer` column, "
+            help="Labelled images (ImageFolder: DATA/CLASS/IMAGE): add a `transfer` column, "
             "each layer's fine-label linear-probe accuracy (avg pooling, k-fold CV)."
         ),
     ] = None,

@@ -33,7 +33,7 @@ __all__ = ["probe", "PoolOpt", "CoarseMapOpt", "split_pools"]
 
 DataArg = Annotated[
     Path,
-    typer.Argument(help="Labelled images in ImageFolder layout: DATA/<class>/<image>.", show_default=False),
+    typer.Argument(help="Labelled images in ImageFolder layout: DATA/CLASS/IMAGE.", show_default=False),
 ]
 PoolOpt = Annotated[
     list[str] | None,
