@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fgscope import store
+from fgscope import store, store_writer
 from fgscope.analysis.dump import (
     DumpConfig,
     _transform,
@@ -237,7 +237,7 @@ def test_bad_files_are_skipped_and_listed(tiny, tmp_path):
 def test_full_disk_stops_with_clear_error_and_the_same_command_continues(tiny, tmp_path, monkeypatch):
     paths = _images(tmp_path / "imgs", 8)
     ref_out, _ = run_dump(_config(tiny, paths, tmp_path / "ref", pool="none"))
-    real, calls = store._write_chunks, []
+    real, calls = store_writer._write_chunks, []
 
     def full_at_third(fh, chunks, digest):
         calls.append(1)
@@ -245,7 +245,7 @@ def test_full_disk_stops_with_clear_error_and_the_same_command_continues(tiny, t
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fh, chunks, digest)
 
-    monkeypatch.setattr(store, "_write_chunks", full_at_third)
+    monkeypatch.setattr(store_writer, "_write_chunks", full_at_third)
     with pytest.raises(OutputError, match="No space left on device") as exc:
         run_dump(_config(tiny, paths, tmp_path / "d", pool="none"))
     assert "run the same command again" in str(exc.value)
@@ -255,7 +255,7 @@ def test_full_disk_stops_with_clear_error_and_the_same_command_continues(tiny, t
     partial = store.open(tmp_path / "d")
     assert not partial.complete and len(partial) == 6
     np.testing.assert_array_equal(partial["block"][:], store.open(ref_out)["block"][:6])
-    monkeypatch.setattr(store, "_write_chunks", real)
+    monkeypatch.setattr(store_writer, "_write_chunks", real)
     out, result = run_dump(_config(tiny, paths, tmp_path / "d", pool="none"))
     assert result.resumed_at == 2 and result.shards_written == 1 and result.complete
     for name in ("dump.json", "inputs.json", "index.json"):

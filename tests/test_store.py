@@ -14,7 +14,7 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.torch import load_file, save
 
-from fgscope import store
+from fgscope import store, store_writer
 from fgscope.errors import ConfigError, LayerNotFoundError, OutputError
 from fgscope.store import Failure, PartState, PendingShard, StoredLayer
 
@@ -98,7 +98,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
         fh.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store, "_write_chunks", full)
+    monkeypatch.setattr(store_writer, "_write_chunks", full)
     with pytest.raises(OutputError) as exc:
         store.write_shard(tmp_path, 0, 1, _pending(0, (0, 2), [0, 1]), "h")
     message = str(exc.value)
@@ -150,7 +150,7 @@ def test_writer_writes_in_order_and_records_progress(tmp_path):
 
 
 def test_writer_error_surfaces_and_completed_shards_stay_valid(tmp_path, monkeypatch):
-    real = store._write_chunks
+    real = store_writer._write_chunks
     calls = []
 
     def flaky(fh, chunks, digest):
@@ -159,7 +159,7 @@ def test_writer_error_surfaces_and_completed_shards_stay_valid(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fh, chunks, digest)
 
-    monkeypatch.setattr(store, "_write_chunks", flaky)
+    monkeypatch.setattr(store_writer, "_write_chunks", flaky)
     state = _state()
     writer = store.ShardWriter(tmp_path, state, "h")
     with pytest.raises(OutputError, match="No space left"):

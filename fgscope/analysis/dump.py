@@ -27,33 +27,33 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    ProgressColumn,
-    Task,
     TextColumn,
     TimeRemainingColumn,
 )
-from rich.text import Text
 from torch import nn
 
-from .. import metrics, store
-from ..capture import LayerRecord, capture
-from ..data import ImageDataset, InputList, make_loader, resolve_inputs, shard_batches
-from ..device import autocast, resolve_device, resolve_dtype, to_device
+# The code lives in two more modules, re-exported here as the public API:
+#   dump_plan  options (parse_hw, parse_shard, resolve_part), stored layers, identity, --out
+#   dump_loop  the streaming loop: shard buffers, the forward, the writer thread
+from .. import store
+from ..device import resolve_dtype
 from ..errors import ConfigError, OutputError
-from ..runs import RunDir, new_run_dir, write_json
-from ..store import Failure, PartState, PendingShard, StoredLayer
+from ..runs import RunDir, write_json
+from ..store import PartState, StoredLayer
+from .dump_loop import _loop, _LoopResult
+from .dump_plan import _make_plan, _Plan, _prepare_out, parse_hw, parse_shard, resolve_part
+from .dump_plan import _transform as _transform  # read by tests/test_dump.py
 
 __all__ = [
     "POOLS",
@@ -69,7 +69,6 @@ __all__ = [
 
 POOLS = ("none", "avg", "max", "bilinear")
 DTYPES = ("float32", "float16", "bfloat16")
-_MAX_FAILURE_LINES = 10
 
 
 @dataclass(frozen=True)
@@ -178,326 +177,7 @@ class DumpResult:
     complete: bool
 
 
-# --- options -------------------------------------------------------------------------------
-
-
-def parse_hw(text: str) -> tuple[int, int]:
-    """`"7x7"` or `"7"` -> (7, 7); `"14x7"` -> (14, 7).
-
-    Raises:
-        ConfigError: not of the form HxW with positive integers.
-    """
-    parts = text.lower().replace("×", "x").split("x")
-    try:
-        hw = tuple(int(p) for p in parts)
-    except ValueError:
-        hw = ()
-    if len(hw) == 1:
-        hw = (hw[0], hw[0])
-    if len(hw) != 2 or min(hw) < 1:
-        raise ConfigError(f"--resize-to {text!r} is not HxW", hint="e.g. --resize-to 7x7")
-    return hw  # type: ignore[return-value]
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """`"2/8"` -> (2, 8): part 2 of 8 (0-based).
-
-    Raises:
-        ConfigError: not of the form i/N with 0 <= i < N.
-    """
-    try:
-        i, n = (int(p) for p in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {text!r} is not i/N", hint="e.g. --shard 0/4 (0-based)") from None
-    if n < 1 or not 0 <= i < n:
-        raise ConfigError(f"--shard {text}: need 0 <= i < N", hint="e.g. --shard 0/4 (0-based)")
-    return i, n
-
-
-def _env_int(env: Mapping[str, str], key: str) -> int | None:
-    value = env.get(key)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"environment variable {key}={value!r} is not an integer") from None
-
-
-def resolve_part(
-    shard: tuple[int, int] | None, env: Mapping[str, str] | None = None
-) -> tuple[int, int, int | None]:
-    """This process's (part, parts, local_rank) from `--shard` and the torchrun environment.
-
-    Under torchrun (RANK, WORLD_SIZE) rank r of W takes part r of W; with `--shard i/N` as
-    well (e.g. a SLURM array of torchrun jobs), part `i * W + r` of `N * W`.
-    """
-    env = os.environ if env is None else env
-    rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
-    local = _env_int(env, "LOCAL_RANK")
-    i, n = shard if shard is not None else (0, 1)
-    if world is None or world <= 1:
-        return i, n, local
-    if rank is None or not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} does not fit WORLD_SIZE={world}")
-    return i * world + rank, n * world, local
-
-
-# --- layers --------------------------------------------------------------------------------
-
-
-def _stored_layer(rec: LayerRecord, pool: str, resize: tuple[int, int] | None, dtype: str) -> StoredLayer:
-    src = tuple(int(s) for s in rec.tensor.shape[1:])
-    if pool == "none":
-        if resize is not None and len(src) == 3:
-            hw = (min(src[1], resize[0]), min(src[2], resize[1]))
-            eff = hw if hw != src[1:] else None
-            return StoredLayer(rec.name, rec.module_name, rec.module_type, src, (src[0], *hw), dtype, "none", eff)
-        return StoredLayer(rec.name, rec.module_name, rec.module_type, src, src, dtype, "none")
-    if len(src) == 1:  # a vector: nothing to pool
-        return StoredLayer(rec.name, rec.module_name, rec.module_type, src, src, dtype, "none")
-    if len(src) != 3:
-        raise ConfigError(
-            f"layer {rec.name} gives outputs of shape (N, {', '.join(map(str, src))}); "
-            f"--pool {pool} needs (N, C, H, W) maps or (N, F) vectors",
-            hint="use --pool none, or select other layers",
-        )
-    shape = (src[0] * src[0],) if pool == "bilinear" else (src[0],)
-    return StoredLayer(rec.name, rec.module_name, rec.module_type, src, shape, dtype, pool)
-
-
-def _transform(layer: StoredLayer) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What happens to a record before it is stored (the cast happens in the copy)."""
-    if layer.pool != "none":
-        how = layer.pool
-        return lambda x: metrics.pool(x, how)  # (N, C, H, W) -> (N, C) or (N, C*C)
-    if layer.resize is not None:
-        size = layer.resize
-        # (N, C, H, W) -> (N, C, h, w); half inputs are averaged in float32
-        return lambda x: F.adaptive_avg_pool2d(
-            x if x.dtype in (torch.float32, torch.float64) else x.float(), size
-        )
-    return lambda x: x
-
-
-def _plan_layers(
-    module: nn.Module, config: DumpConfig, example: torch.Tensor, dev: torch.device
-) -> list[StoredLayer]:
-    """Resolve the layers with one dummy forward and decide how each is stored."""
-    found: list[StoredLayer] = []
-    with capture(
-        module, config.layers, to=None, example_input=example,
-        on_record=lambda rec: found.append(
-            _stored_layer(rec, config.pool, config.resize_to, config.dtype)
-        ),
-    ):
-        with autocast(dev, resolve_dtype(config.precision)):
-            module(example)
-    if not found:
-        raise ConfigError(
-            f"the layers {config.layers!r} produced no tensor output",
-            hint="run `fgscope summary MODEL --layers all` to list the layers",
-        )
-    return found
-
-
-# --- identity ------------------------------------------------------------------------------
-
-
-def _state_sha256(module: nn.Module) -> str:
-    """A fingerprint of the weights: names, dtypes, shapes and bytes of the state dict."""
-    digest = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            try:
-                digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            except (RuntimeError, TypeError):  # dtypes without a byte view (quantized)
-                digest.update(memoryview(t.float().reshape(-1).numpy()))
-    return digest.hexdigest()
-
-
-def _inputs_doc(inputs: InputList) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "count": len(inputs),
-        "paths": list(inputs.paths),
-        "labels": list(inputs.labels) if inputs.labels is not None else None,
-        "classes": list(inputs.classes) if inputs.classes is not None else None,
-    }
-    doc["sha256"] = store.identity_hash(
-        {k: doc[k] for k in ("paths", "labels", "classes")}
-    )
-    return doc
-
-
-def _describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """`pool avg -> max, layers` : what differs between two identities, in a few words."""
-    out: list[str] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        if key == "model":
-            subs = [k for k in sorted(set(a or {}) | set(b or {})) if (a or {}).get(k) != (b or {}).get(k)]
-            out.append("model " + "/".join(subs))
-        elif isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
-            out.append(key)
-        else:
-            out.append(f"{key} {a} -> {b}")
-    return ", ".join(out) or "format"
-
-
-def _prepare_out(config: DumpConfig, parts: int, identity: Mapping[str, Any], digest: str) -> Path:
-    """The dump folder: new, or an existing dump of the same identity (to continue).
-
-    Raises:
-        ConfigError: the folder holds a different dump (without --overwrite), or several
-            parts were asked for without --out.
-        OutputError: the folder holds other files or cannot be created.
-    """
-    if config.out is None:
-        if parts > 1:
-            raise ConfigError(
-                "several parts need one shared --out folder",
-                hint="pass --out DIR (the same for every rank and --shard)",
-            )
-        return new_run_dir(None, "dump")
-    out = Path(os.path.expanduser(os.fspath(config.out)))
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a folder", hint="choose another --out")
-    if out.is_dir():
-        desc = store.read_identity(out)
-        if desc is None:
-            foreign = sorted(
-                p.name for p in out.iterdir()
-                if not p.name.startswith(".") and p.name not in store.DUMP_FILES
-            )
-            if foreign:
-                raise OutputError(
-                    f"--out {out} holds files that are not an fgscope dump "
-                    f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})",
-                    hint="choose a new or empty --out",
-                )
-        elif config.overwrite or desc["hash"] != digest:
-            if not config.overwrite:
-                what = _describe_difference(desc.get("identity", {}), identity)
-                raise ConfigError(
-                    f"--out {out} holds a dump made by a different command (differs in: {what}), "
-                    "so it cannot be continued",
-                    hint="choose a new --out, or pass --overwrite to replace that dump",
-                )
-            if parts > 1:
-                raise ConfigError(
-                    "--overwrite cannot be used with several parts (ranks would delete each "
-                    "other's shards)",
-                    hint=f"delete {out} first, then start all parts",
-                )
-            store.remove_dump(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "shards").mkdir(exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out}: {exc.strerror or exc}") from None
-    return out
-
-
 # --- the run -------------------------------------------------------------------------------
-
-
-class _RateColumn(ProgressColumn):
-    """images/s, from rich's moving estimate."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.1f} img/s" if speed else "– img/s", style="progress.data.speed")
-
-
-class _ShardBuffers:
-    """The shard being filled: one preallocated tensor per layer; batches append rows.
-
-    Records are pooled/resized on the device that produced them and copied (cast to the
-    storage dtype) straight into the buffer in the capture callback, so nothing else of a
-    record is kept. On CUDA the buffers are pinned and the copies non-blocking.
-    """
-
-    def __init__(
-        self, layers: Sequence[StoredLayer], paths: Sequence[str], device: torch.device,
-        mixed: bool,
-    ) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.mixed = mixed
-        self.layers = {layer.name: layer for layer in layers}
-        self.transforms = {layer.name: _transform(layer) for layer in layers}
-        self.dtypes = {layer.name: resolve_dtype(layer.dtype) for layer in layers}
-        self.paths = paths
-        self.shard: int | None = None
-        self.span = (0, 0)
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.rows = 0
-        self.batch = 0
-        self.index: list[torch.Tensor] = []
-        self.failures: list[Failure] = []
-        self.seen: set[str] = set()
-
-    def start(self, shard: int, span: tuple[int, int]) -> None:
-        size = span[1] - span[0]
-        self.shard, self.span, self.rows = shard, span, 0
-        self.tensors = {
-            name: torch.empty((size, *layer.shape), dtype=self.dtypes[name], pin_memory=self.cuda)
-            for name, layer in self.layers.items()
-        }
-        self.index, self.failures = [], []
-
-    def on_record(self, rec: LayerRecord) -> None:
-        layer = self.layers.get(rec.name)
-        if layer is None:
-            return
-        if self.mixed:  # pool in float32 even inside the forward's autocast
-            with torch.autocast(rec.tensor.device.type, enabled=False):
-                x = self.transforms[rec.name](rec.tensor)
-        else:
-            x = self.transforms[rec.name](rec.tensor)
-        dst = self.tensors[rec.name][self.rows : self.rows + self.batch]
-        if tuple(x.shape) != tuple(dst.shape):
-            raise ConfigError(
-                f"layer {rec.name} gave shape {tuple(x.shape)[1:]} where {layer.shape} was "
-                "expected; its output size must not depend on the image",
-            )
-        dst.copy_(x, non_blocking=self.cuda)
-        self.seen.add(rec.name)
-
-    def forward(self, module: nn.Module, images: torch.Tensor, indices: torch.Tensor,
-                dev: torch.device, precision: torch.dtype) -> None:
-        self.batch, self.seen = len(indices), set()
-        with autocast(dev, precision):
-            module(to_device(images, dev))
-        missing = [n for n in self.layers if n not in self.seen]
-        if missing:
-            first = self.paths[int(indices[0])]
-            raise ConfigError(
-                f"layer {missing[0]} did not run for the batch starting at {first}",
-                hint="dump layers that run for every input",
-            )
-        self.index.append(indices)
-        self.rows += self.batch
-
-    def finish(self) -> PendingShard:
-        assert self.shard is not None
-        if self.cuda:
-            torch.cuda.synchronize(self.device)  # the non-blocking copies have landed
-        pending = PendingShard(
-            shard=self.shard,
-            inputs=self.span,
-            tensors={n: t[: self.rows] for n, t in self.tensors.items()},
-            input_index=torch.cat(self.index) if self.index else torch.empty(0, dtype=torch.int64),
-            failures=tuple(self.failures),
-        )
-        self.shard, self.tensors = None, {}
-        return pending
 
 
 def _versions() -> dict[str, str]:
@@ -510,12 +190,6 @@ def _versions() -> dict[str, str]:
     return {"fgscope": __version__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": numpy.__version__,
             "safetensors": safetensors.__version__}
-
-
-def _device(spec: str, local_rank: int | None) -> torch.device:
-    if local_rank is not None and spec in ("auto", "cuda") and torch.cuda.is_available():
-        return resolve_device(f"cuda:{local_rank % torch.cuda.device_count()}")
-    return resolve_device(spec)
 
 
 def _count(n: int, noun: str) -> str:
@@ -562,126 +236,6 @@ def _write_union(roots: Sequence[Path], index: Mapping[str, Any]) -> None:
         "files": ["index.json", "inputs.json", "dump.json", *(s["file"] for s in index["shards"])],
         "parts": manifests,
     })
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Everything decided before the first batch: model, inputs, layers, identity, part."""
-
-    lm: Any  # LoadedModel
-    module: nn.Module
-    device: torch.device
-    precision: torch.dtype
-    example: torch.Tensor
-    inputs: InputList
-    inputs_doc: dict[str, Any]
-    layers: tuple[StoredLayer, ...]
-    identity: dict[str, Any]
-    digest: str
-    part: int
-    parts: int
-    local_rank: int | None
-
-
-def _make_plan(config: DumpConfig) -> _Plan:
-    """Resolve inputs, model, device and layers; compute the dump's identity."""
-    from ..models import load_model
-
-    part, parts, local_rank = resolve_part(config.shard)
-    inputs = resolve_inputs(config.inputs)
-    dev = _device(config.device, local_rank)
-    if dev.type == "cuda" and local_rank is not None:
-        torch.cuda.set_device(dev)  # one GPU per rank: no context on cuda:0 from every rank
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # random-init weights: the same model in every process
-        lm = load_model(config.model, **dict(config.model_kwargs))
-    module = lm.module.to(dev)
-    example = torch.zeros((1, 3, *lm.input_size), device=dev)
-    layers = tuple(_plan_layers(module, config, example, dev))
-    row_bytes = sum(layer.row_bytes for layer in layers)
-    rows_per_shard = config.shard_rows or max(1, int(config.shard_mb * 2**20) // max(row_bytes, 1))
-    pre, src = lm.preprocess, lm.source
-    inputs_doc = _inputs_doc(inputs)
-    identity = {
-        "model": {
-            "kind": src.kind, "arch": src.arch, "weights": src.weights,
-            "state_sha256": _state_sha256(module), "input_size": list(lm.input_size),
-            "preprocess": {
-                "crop_size": list(pre.crop_size), "resize_size": pre.resize_size,
-                "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
-            },
-        },
-        "inputs": {"count": len(inputs), "sha256": inputs_doc["sha256"]},
-        "layers": [layer.to_json() for layer in layers],
-        "pool": config.pool,
-        "resize_to": list(config.resize_to) if config.resize_to else None,
-        "dtype": config.dtype,
-        "precision": config.precision,
-        "rows_per_shard": rows_per_shard,
-        "parts": parts,
-    }
-    return _Plan(lm, module, dev, resolve_dtype(config.precision), example, inputs, inputs_doc,
-                 layers, identity, store.identity_hash(identity), part, parts, local_rank)
-
-
-@dataclass(frozen=True)
-class _LoopResult:
-    state: PartState
-    images: int
-    failed: int
-    shards_written: int
-    bytes_written: int
-    seconds: float
-    wall: tuple[float, float]
-
-
-def _loop(plan: _Plan, config: DumpConfig, out: Path, state: PartState, console: Console,
-          tag: str) -> _LoopResult:
-    """Decode, forward, pool into shard buffers and write, for the shards not done yet."""
-    ranges = [state.shard_range(k) for k in range(len(state.shards), state.n_shards)]
-    batches = shard_batches(ranges, config.batch_size)
-    dataset = ImageDataset(plan.inputs.paths, plan.lm.preprocess, plan.inputs.labels)
-    loader = make_loader(dataset, batches, workers=min(config.workers, len(batches)),
-                         pin_memory=plan.device.type == "cuda")
-    buffers = _ShardBuffers(plan.layers, plan.inputs.paths, plan.device,
-                            plan.precision != torch.float32)
-    wall_start, t0 = time.time(), time.perf_counter()
-    # Start the decoding processes (fork) before any thread of ours exists.
-    batch_iter = iter(loader)
-    writer = store.ShardWriter(out, state, plan.digest)
-    images = failed = 0
-    span = state.inputs
-    try:
-        with Progress(
-            TextColumn(f"{tag}dump"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-            TimeRemainingColumn(), console=console, transient=True,
-            disable=plan.local_rank not in (None, 0),
-        ) as bar, capture(plan.module, config.layers, to=None, on_record=buffers.on_record,
-                          example_input=plan.example):
-            task = bar.add_task("dump", total=span[1] - span[0], completed=state.done_inputs)
-            for batch in batch_iter:
-                if buffers.shard is None:
-                    k = (batch.span[0] - span[0]) // state.rows_per_shard
-                    buffers.start(k, state.shard_range(k))
-                for i, reason in batch.failures:
-                    buffers.failures.append(Failure(i, plan.inputs.paths[i], reason))
-                    if failed < _MAX_FAILURE_LINES:
-                        console.print(f"[yellow]skipped[/] {reason}")
-                    failed += 1
-                if batch.images is not None:
-                    buffers.forward(plan.module, batch.images, batch.indices, plan.device,
-                                    plan.precision)
-                    images += len(batch)
-                bar.advance(task, batch.span[1] - batch.span[0])
-                if batch.span[1] == buffers.span[1]:
-                    writer.submit(buffers.finish())
-        state = writer.close()
-    except BaseException:
-        writer.close(abort=True)
-        raise
-    assert state.complete, "every shard of the part was submitted"
-    return _LoopResult(state, images, failed, writer.shards_written, writer.bytes_written,
-                       time.perf_counter() - t0, (wall_start, time.time()))
 
 
 def run_dump(config: DumpConfig, console: Console | None = None) -> tuple[Path, DumpResult]:
