@@ -22,7 +22,14 @@ from typing import Any
 
 from .errors import OutputError
 
-__all__ = ["RunDir", "new_run_dir", "write_json", "write_text", "atomic_write_bytes"]
+__all__ = [
+    "RunDir",
+    "new_run_dir",
+    "write_json",
+    "write_text",
+    "atomic_write_bytes",
+    "model_entry",
+]
 
 DEFAULT_ROOT = Path("fgscope-out")
 
@@ -158,6 +165,20 @@ class RunDir:
         path = self.path / "manifest.json"
         write_json(path, self.manifest)
         return path
+
+
+def model_entry(lm: Any) -> dict[str, Any]:
+    """The model part of a manifest: where it came from (spec, kind, arch, weights, file and
+    sha256, notes), its input size and preprocessing. `lm` is a `fgscope.models.LoadedModel`."""
+    s, p = lm.source, lm.preprocess
+    return {
+        "spec": s.spec, "kind": s.kind, "arch": s.arch, "weights": s.weights, "path": s.path,
+        "sha256": s.sha256, "notes": list(s.notes), "input_size": list(lm.input_size),
+        "preprocess": {
+            "crop_size": list(p.crop_size), "resize_size": p.resize_size, "mean": list(p.mean),
+            "std": list(p.std), "interpolation": p.interpolation,
+        },
+    }
 
 
 def _versions() -> dict[str, str]:

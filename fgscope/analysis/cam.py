@@ -38,9 +38,9 @@ from rich.console import Console
 #   render.cam   the pictures (cam_overlay, cam_figure)
 from ..errors import ConfigError
 from ..images import default_image, load_image, sha256_file
-from ..models import LoadedModel, load_model
+from ..models import load_model
 from ..render.cam import cam_figure, cam_overlay, cam_title
-from ..runs import RunDir, atomic_write_bytes, new_run_dir, write_json
+from ..runs import RunDir, atomic_write_bytes, model_entry, new_run_dir, write_json
 from .cam_compute import CamLayer, CamResult, ClassRef, compute_cams, grad_cam, resolve_class
 
 __all__ = [
@@ -79,15 +79,6 @@ class CamConfig:
     device: str = "auto"
 
 
-def _model_entry(lm: LoadedModel) -> dict[str, Any]:
-    s, p = lm.source, lm.preprocess
-    return {
-        "spec": s.spec, "kind": s.kind, "arch": s.arch, "weights": s.weights, "path": s.path,
-        "sha256": s.sha256, "notes": list(s.notes), "input_size": list(lm.input_size),
-        "preprocess": {"crop_size": list(p.crop_size), "resize_size": p.resize_size,
-                       "mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation},
-    }
-
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.:-]+", "_", name).replace(":", "-") or "output"
@@ -119,7 +110,7 @@ def run_cam(config: CamConfig, console: Console | None = None) -> tuple[Path, Ca
     run.time("load_model", t_load)
     run.time("grad_cam", t_cam)
     run.manifest.update(
-        model=_model_entry(lm),
+        model=model_entry(lm),
         images=[{"path": str(image), "sha256": sha256_file(image), "size": list(load_image(image).size)}],
         device=result.device, layers=config.layers,
         options={k: (str(v) if isinstance(v, Path) else v) for k, v in config.__dict__.items()},

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import ConfigError
-from ..runs import RunDir, new_run_dir, write_json, write_text
+from ..runs import RunDir, model_entry, new_run_dir, write_json, write_text
 from .layers import InspectResult, LayerStats, inspect
 
 __all__ = ["LayersConfig", "run_layers", "TABLE_COLUMNS", "hierarchy_columns", "table_csv", "table_markdown"]
@@ -218,18 +218,8 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
     run.time("inspect", t_inspect)
     if probe_info is not None:
         run.time("probe", probe_info.pop("seconds"))
-    src = lm.source
     run.manifest.update(
-        model={
-            "spec": src.spec, "kind": src.kind, "arch": src.arch, "weights": src.weights,
-            "path": src.path, "sha256": src.sha256, "notes": list(src.notes),
-            "input_size": list(lm.input_size), "preprocess": {
-                "crop_size": list(lm.preprocess.crop_size), "resize_size": lm.preprocess.resize_size,
-                "mean": list(lm.preprocess.mean), "std": list(lm.preprocess.std),
-                "interpolation": lm.preprocess.interpolation,
-            },
-            "macs_per_image": result.macs,
-        },
+        model={**model_entry(lm), "macs_per_image": result.macs},
         images=[{"path": str(li.path), "sha256": li.sha256, "size": list(li.size)} for li in result.images],
         failures=[{"path": str(f.path), "reason": f.reason} for f in result.failures],
         device=result.device,

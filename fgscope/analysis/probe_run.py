@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, FgscopeError
-from ..runs import RunDir, new_run_dir, write_json, write_text
+from ..runs import RunDir, model_entry, new_run_dir, write_json, write_text
 from .probe_features import Features, check_pools
 from .probe_fit import ProbeResult, probe, probe_paths
 
@@ -161,13 +161,8 @@ def write_probe_files(run: RunDir, result: ProbeResult) -> None:
 
 
 def model_manifest(lm: LoadedModel) -> dict[str, Any]:
-    """The model part of a manifest (source, hash, preprocessing)."""
-    src = lm.source
-    return {
-        "spec": src.spec, "kind": src.kind, "arch": src.arch, "weights": src.weights,
-        "path": src.path, "sha256": src.sha256, "notes": list(src.notes),
-        "input_size": list(lm.input_size),
-    }
+    """The model part of a manifest (source, hash, preprocessing): `fgscope.runs.model_entry`."""
+    return model_entry(lm)
 
 
 def write_manifest_inputs(run: RunDir, lm: LoadedModel, config: Any, result: ProbeResult,

@@ -54,7 +54,7 @@ from ..errors import FgscopeError as FgscopeError  # re-exported, as before the 
 from ..errors import LayerNotFoundError as LayerNotFoundError  # re-exported, as before the split
 from ..models import LoadedModel, load_model
 from ..render.similarity import similarity_figure
-from ..runs import RunDir, new_run_dir, write_json, write_text
+from ..runs import RunDir, model_entry, new_run_dir, write_json, write_text
 from .similarity_cka import _GRAM_CHUNK_BYTES as _GRAM_CHUNK_BYTES  # read by bench/cka.py
 from .similarity_cka import CkaAccumulator, centered_gram
 from .similarity_compute import (
@@ -118,15 +118,6 @@ def _matrix_json(mat: Tensor) -> list[list[float | None]]:
     return [[_num(v) for v in row] for row in mat.tolist()]
 
 
-def _model_entry(lm: LoadedModel) -> dict[str, Any]:
-    s, p = lm.source, lm.preprocess
-    return {
-        "spec": s.spec, "kind": s.kind, "arch": s.arch, "weights": s.weights, "path": s.path,
-        "sha256": s.sha256, "notes": list(s.notes), "input_size": list(lm.input_size),
-        "preprocess": {"crop_size": list(p.crop_size), "resize_size": p.resize_size,
-                       "mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation},
-    }
-
 
 def run_similarity(
     config: SimilarityConfig, console: Console | None = None
@@ -165,8 +156,8 @@ def run_similarity(
     run.time("load_model", t_load)
     run.time("cka", t_cka)
     run.manifest.update(
-        model=_model_entry(lm),
-        vs_model=_model_entry(vlm) if vlm is not None else None,
+        model=model_entry(lm),
+        vs_model=model_entry(vlm) if vlm is not None else None,
         vs_preprocess=result.vs_preprocess,
         images=[{"path": str(li.path), "sha256": li.sha256, "size": list(li.size)} for li in result.images],
         failures=[{"path": str(f.path), "reason": f.reason} for f in result.failures],
