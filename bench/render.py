@@ -43,7 +43,7 @@ from fgscope.render import (
     save_figure,
     save_png,
 )
-from fgscope.render import grid as _grid
+from fgscope.render import text as _text
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -107,7 +107,7 @@ def bench(rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for _ in range(rounds):
-            _grid._label.cache_clear()
+            _text._label.cache_clear()
             t0 = time.perf_counter()
             for i, (title, maps, ch) in enumerate(layers):
                 save_png(render_grid(maps, ch, title=title), out / f"r{i}.png")

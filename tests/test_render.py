@@ -21,6 +21,7 @@ from fgscope.render import (
     save_png,
 )
 from fgscope.render import grid as G
+from fgscope.render import text as T
 
 M, GAP = G._MARGIN, G._GAP
 BG = np.array(G._BG, np.uint8)
@@ -162,7 +163,7 @@ def test_title_adds_a_header_and_wraps() -> None:
     title = " \u00b7 ".join(["layer4.2.conv3", "Conv2d", "2048x7x7", "stride 32", "rf 427 px"])
     titled = render_grid(maps, title=title)
     assert titled.height > plain.height
-    font_w = G._width(title, 13)
+    font_w = T._width(title, 13)
     assert titled.width < font_w  # wrapped at the separators instead of one wide line
 
 
@@ -219,22 +220,22 @@ def test_numpy_input_not_mutated_and_bad_arguments() -> None:
 
 
 def _clear_text_caches() -> None:
-    for fn in (G.label_font, G._width, G._glyph, G._label):
+    for fn in (T.label_font, T._width, T._glyph, T._label):
         fn.cache_clear()
 
 
 def test_pillow_builtin_font_fallback(monkeypatch) -> None:
-    monkeypatch.setattr(G, "_dejavu_path", lambda: None)
+    monkeypatch.setattr(T, "_dejavu_path", lambda: None)
     _clear_text_caches()
     try:
         maps = np.random.default_rng(7).normal(size=(2, 6, 6)).astype(np.float32)
         a = px(render_grid(maps, title="fallback \u00b7 2x6x6"))
         assert a.max() >= 230  # labels drawn
-        assert G._text(G.label_font(12), "\u22120.20 \u2013 1.00") == "-0.20 - 1.00"
+        assert T._text(T.label_font(12), "\u22120.20 \u2013 1.00") == "-0.20 - 1.00"
     finally:
         monkeypatch.undo()
         _clear_text_caches()
-    assert G._text(G.label_font(12), "0.00\u20131.00") == "0.00\u20131.00"
+    assert T._text(T.label_font(12), "0.00\u20131.00") == "0.00\u20131.00"
 
 
 def test_upsample_bilinear_matches_torch() -> None:
