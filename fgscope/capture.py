@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
-import inspect as _inspect
 import re
 import sys
 import types
@@ -37,8 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from ._inplace import CopyOnWrite, storage_key
 from .errors import ConfigError, LayerNotFoundError
 
 __all__ = [
@@ -251,81 +250,6 @@ def select_layers(
     return {n: m for n, m in named.items() if n in chosen}
 
 
-# --- copy-on-write watching of in-place operations --------------------------------------
-
-_INPLACE_DUNDERS = frozenset(
-    f"__i{op}__"
-    for op in (
-        "add sub mul matmul truediv floordiv mod pow lshift rshift and xor or".split()
-    )
-) | {"__setitem__"}
-# func -> how it writes in place: 0 never, 1 into args[0], or an inspect.Signature with an
-# `inplace` parameter. Decided once per function: this runs for every op of the forward.
-_WRITE_KIND: dict[Any, Any] = {}
-
-
-def _write_kind(func: Any) -> Any:
-    name = getattr(func, "__name__", "")
-    if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
-        return 1
-    try:
-        sig = _inspect.signature(func)
-    except (TypeError, ValueError):
-        return 0
-    return sig if "inplace" in sig.parameters else 0
-
-
-def _inplace_targets(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """Tensors that `func(*args, **kwargs)` is about to write into."""
-    kind = _WRITE_KIND.get(func)
-    if kind is None:
-        kind = _WRITE_KIND[func] = _write_kind(func)
-    targets: list[torch.Tensor] = []
-    if kind == 1:
-        if args and isinstance(args[0], torch.Tensor):
-            targets.append(args[0])
-    elif kind != 0:
-        # Python-level functionals such as F.relu(x, inplace=True) reach the mode before
-        # the in-place kernel they dispatch to: read their `inplace` argument.
-        try:
-            bound = kind.bind_partial(*args, **kwargs).arguments
-        except TypeError:
-            bound = {}
-        if bound.get("inplace") is True:
-            first = next(iter(bound.values()), None)
-            if isinstance(first, torch.Tensor):
-                targets.append(first)
-    if kwargs:
-        out = kwargs.get("out")
-        if isinstance(out, torch.Tensor):
-            targets.append(out)
-        elif isinstance(out, (tuple, list)):
-            targets.extend(t for t in out if isinstance(t, torch.Tensor))
-    return targets
-
-
-def _storage_key(t: torch.Tensor) -> int | None:
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensors without storage
-        return None
-
-
-class _CopyOnWrite(TorchFunctionMode):
-    """Copies a recorded tensor just before an operation writes into its storage."""
-
-    def __init__(self, recorder: _Hooks) -> None:
-        super().__init__()
-        self._recorder = recorder
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self._recorder.watched:
-            for target in _inplace_targets(func, args, kwargs):
-                self._recorder.before_write(target)
-        return func(*args, **kwargs)
-
-
 # --- hooks -------------------------------------------------------------------------------
 
 
@@ -385,7 +309,7 @@ class _Hooks:
             self.before_write(t)
 
     def before_write(self, target: torch.Tensor) -> None:
-        key = _storage_key(target)
+        key = storage_key(target)
         if key is None or key not in self.watched:
             return
         records = self.recorder.records
@@ -432,7 +356,7 @@ class _Hooks:
                 continue
             self.recorder.records.append(rec)
             if shared:
-                key_ = _storage_key(tensor)
+                key_ = storage_key(tensor)
                 if key_ is not None:
                     self.watched.setdefault(key_, []).append(len(self.recorder.records) - 1)
 
@@ -492,7 +416,7 @@ def capture(
             if not grad:
                 stack.enter_context(torch.inference_mode())
             if on_record is None:
-                stack.enter_context(_CopyOnWrite(state))
+                stack.enter_context(CopyOnWrite(state))
             yield recorder
         if state.pending_cuda:
             torch.cuda.synchronize()
