@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ._inplace import CopyOnWrite, storage_key
+from .analysis.stages import last_at_each_resolution
 from .errors import ConfigError, LayerNotFoundError
 
 __all__ = [
@@ -191,13 +192,13 @@ def _stage_names(model: nn.Module, example_input: torch.Tensor | None) -> list[s
 
     def on_record(rec: LayerRecord) -> None:
         t = rec.tensor
-        if rec.key is None and t.dim() == 4 and t.shape[-1] * t.shape[-2] > 1:
+        if rec.key is None and t.dim() == 4:
             seen.append((rec.module_name, (int(t.shape[-2]), int(t.shape[-1]))))
 
     with capture(model, list(blocks), on_record=on_record, to=None):
         model(example_input)
-    stages = [name for i, (name, hw) in enumerate(seen) if i + 1 == len(seen) or seen[i + 1][1] != hw]
-    return list(dict.fromkeys(stages))
+    last = last_at_each_resolution([hw for _, hw in seen])
+    return list(dict.fromkeys(seen[i][0] for i in last))
 
 
 def select_layers(

@@ -72,3 +72,11 @@ def test_stages_are_monotonic_with_depth():
         ranks = [order[s] for s in st]
         assert ranks == sorted(ranks), arch
         assert set(st) == {"early", "middle", "late"}, arch
+
+
+def test_last_at_each_resolution():
+    from fgscope.analysis.stages import last_at_each_resolution
+
+    sizes = [(112, 112), (112, 112), None, (56, 56), (1, 1), (56, 56), (7, 7), (1, 1), None]
+    assert last_at_each_resolution(sizes) == [1, 5, 6]
+    assert last_at_each_resolution([None, (1, 1)]) == []

@@ -31,6 +31,7 @@ from rich.table import Table
 from ..errors import ConfigError
 from ..runs import RunDir, model_entry, new_run_dir, write_json, write_text
 from .layers import InspectResult, LayerStats, inspect
+from .stages import last_at_each_resolution
 
 __all__ = ["LayersConfig", "run_layers", "TABLE_COLUMNS", "hierarchy_columns", "table_csv", "table_markdown"]
 
@@ -114,8 +115,7 @@ def table_markdown(rows: list[LayerStats], columns: list[str] = TABLE_COLUMNS) -
 
 def hierarchy_columns(rows: list[LayerStats]) -> list[LayerStats]:
     """The layers shown in the hierarchy figure: the last recorded map at each resolution."""
-    maps = [r for r in rows if r.spatial is not None and r.spatial[0] * r.spatial[1] > 1]
-    return [r for i, r in enumerate(maps) if i + 1 == len(maps) or maps[i + 1].spatial != r.spatial]
+    return [rows[i] for i in last_at_each_resolution([r.spatial for r in rows])]
 
 
 def _safe(name: str) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["STAGES", "resolution_levels", "assign_stages"]
+__all__ = ["STAGES", "resolution_levels", "assign_stages", "last_at_each_resolution"]
 
 STAGES = ("early", "middle", "late")
 
@@ -65,3 +65,17 @@ def assign_stages(strides: Sequence[float | None], spatial: Sequence[bool]) -> l
         else:
             stages.append("middle")
     return stages
+
+
+def last_at_each_resolution(sizes: Sequence[Sequence[int] | None]) -> list[int]:
+    """Indices of the last map before each change of spatial size, in order.
+
+    `sizes` holds each layer's (H, W), or None for layers without a map; None and 1x1 maps
+    are passed over. This picks the `stages` selection and the hierarchy figure's columns.
+    """
+    maps = [i for i, hw in enumerate(sizes) if hw is not None and hw[0] * hw[1] > 1]
+    return [
+        i
+        for k, i in enumerate(maps)
+        if k + 1 == len(maps) or tuple(sizes[maps[k + 1]]) != tuple(sizes[i])
+    ]

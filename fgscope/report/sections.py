@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..analysis.stages import last_at_each_resolution
 from ..errors import ConfigError
 from .cells import fmt, fmt_int, kv_table, name_cell, short_hash, sort_value, stage_cell
 from .html import Cell, Section, cite, esc, img_html, table_html
@@ -210,12 +211,10 @@ def table_section(run: RunFolder) -> Section:
 def stage_layers(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The last recorded map at each resolution (the hierarchy figure's columns), as rows.
 
-    The rule of `fgscope.analysis.layers_run.hierarchy_columns` (a test checks they agree),
-    restated on JSON rows so that `report --from` does not import torch (seconds).
+    The rule of `fgscope.analysis.layers_run.hierarchy_columns`, on JSON rows
+    (`fgscope.analysis.stages` imports no torch, so `report --from` stays fast).
     """
-    maps = [r for r in rows if r.get("spatial") and r["spatial"][0] * r["spatial"][1] > 1]
-    return [r for i, r in enumerate(maps)
-            if i + 1 == len(maps) or maps[i + 1]["spatial"] != r["spatial"]]
+    return [rows[i] for i in last_at_each_resolution([r.get("spatial") for r in rows])]
 
 
 def hierarchy_section(run: RunFolder, figure: Path | None = None, shown: int | None = None) -> Section | None:
