@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, FgscopeError
+from ..render.probe import fmt_num
 from ..runs import RunDir, model_entry, new_run_dir, write_json, write_text
 from .probe_features import Features, check_pools
 from .probe_fit import ProbeResult, probe, probe_paths
@@ -96,13 +97,6 @@ CSV_COLUMNS = ("layer", "index", "stage", "stride", "rf", "pool", "granularity",
                "acc_std", "chance", "dim")
 
 
-def _num(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:g}" if v == int(v) else f"{v:.4f}"
-    return str(v)
-
 
 def probe_csv(result: ProbeResult) -> str:
     """One line per row (the `probe.json` rows without the per-fold values)."""
@@ -114,7 +108,7 @@ def probe_csv(result: ProbeResult) -> str:
     w.writerow(CSV_COLUMNS)
     for r in result.rows:
         d = r.to_dict()
-        w.writerow([_num(d[k]) for k in CSV_COLUMNS])
+        w.writerow([fmt_num(d[k]) for k in CSV_COLUMNS])
     return buf.getvalue()
 
 
@@ -130,7 +124,7 @@ def probe_markdown(result: ProbeResult) -> str:
             r = cell.get((layer.name, p, g))
             vals.append("–" if r is None else f"{r.acc_mean:.3f} ± {r.acc_std:.3f}")
         lines.append("| " + " | ".join([str(layer.index), layer.name, layer.stage,
-                                         _num(layer.stride) or "–", _num(layer.rf) or "–", *vals]) + " |")
+                                         fmt_num(layer.stride) or "–", fmt_num(layer.rf) or "–", *vals]) + " |")
     chance = {g: r.chance for r in result.rows for g in [r.granularity]}
     foot = [
         "",
@@ -250,7 +244,7 @@ def print_summary(console: Console, result: ProbeResult) -> None:
             r = cell.get((layer.name, *s))
             text = "–" if r is None else (f"{r.acc_mean:.3f} ± {r.acc_std:.3f}" if full else f"{r.acc_mean:.3f}")
             vals.append(f"[bold]{text}[/]" if r is not None and r.acc_mean == best[s] else text)
-        head = [str(layer.index), layer.name] + ([layer.stage] if full else []) + [_num(layer.stride) or "–"]
+        head = [str(layer.index), layer.name] + ([layer.stage] if full else []) + [fmt_num(layer.stride) or "–"]
         t.add_row(*head, *vals)
     console.print(t)
     chance = {r.granularity: r.chance for r in result.rows}

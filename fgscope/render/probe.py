@@ -14,13 +14,14 @@ if TYPE_CHECKING:
 
     from ..analysis.probe_fit import ProbeResult
 
-__all__ = ["probe_figure"]
+__all__ = ["probe_figure", "fmt_num"]
 
 _POOL_COLORS = {"avg": "#222222", "max": "#8c8c8c", "bilinear": "#c44e52", "hypercolumn": "#8172b3"}
 _GRAN_STYLE = {"fine": ("-", "o"), "coarse": ("--", "s")}
 
 
-def _num(v: Any) -> str:
+def fmt_num(v: Any) -> str:
+    """A number for tables and labels: integers plainly, other floats to 4 decimals."""
     if v is None:
         return ""
     if isinstance(v, float):
@@ -79,7 +80,7 @@ def probe_figure(result: ProbeResult) -> Figure:
         ax.set_ylabel(f"probe accuracy ({result.folds}-fold CV)")
         rotate = len(layers) > 8
         sep = " " if rotate else "\n"
-        labels = [f"{layer.name}{sep}/{_num(layer.stride)}" if layer.stride else layer.name for layer in layers]
+        labels = [f"{layer.name}{sep}/{fmt_num(layer.stride)}" if layer.stride else layer.name for layer in layers]
         ax.set_xticks(range(len(layers)), labels=labels, rotation=45 if rotate else 0,
                       ha="right" if rotate else "center")
         ax.set_xlabel("layer in execution order  (/n: effective stride n px)")
