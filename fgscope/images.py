@@ -41,6 +41,7 @@ __all__ = [
     "iter_images",
     "load_image",
     "load_images",
+    "load_inputs",
     "sha256_file",
 ]
 
@@ -216,6 +217,26 @@ def load_images(
     for item in iter_images(paths, max_pixels=max_pixels):
         (loaded if isinstance(item, LoadedImage) else failures).append(item)
     return loaded, failures
+
+
+def load_inputs(
+    images: Sequence[str | os.PathLike[str] | Image.Image],
+) -> tuple[list[LoadedImage], list[ImageFailure]]:
+    """PIL images as given (named `<image i>`), or files, folders and globs discovered and
+    loaded, each bad file an `ImageFailure`.
+
+    Raises:
+        ImageError: PIL images mixed with paths, or an input path that does not exist.
+    """
+    pil = [im for im in images if isinstance(im, Image.Image)]
+    if pil:
+        if len(pil) != len(images):
+            raise ImageError("pass either PIL images or paths, not both")
+        return [
+            LoadedImage(path=Path(f"<image {i}>"), image=im.convert("RGB"), size=im.size, sha256="")
+            for i, im in enumerate(pil)
+        ], []
+    return load_images(discover([os.fspath(p) for p in images]))
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -39,7 +39,7 @@ from rich.console import Console
 from ..errors import ConfigError
 from ..images import default_image, load_image, sha256_file
 from ..models import load_model
-from ..render.cam import cam_figure, cam_overlay, cam_title
+from ..render.cam import cam_figure, cam_overlay, cam_title, fmt_value
 from ..runs import RunDir, atomic_write_bytes, model_entry, new_run_dir, write_json
 from .cam_compute import CamLayer, CamResult, ClassRef, compute_cams, grad_cam, resolve_class
 
@@ -56,9 +56,6 @@ __all__ = [
     "run_cam",
 ]
 
-
-def _fmt(v: float | None) -> str:
-    return "?" if v is None else f"{v:g}"
 
 
 # --- the command's job ---------------------------------------------------------------------
@@ -162,7 +159,7 @@ def run_cam(config: CamConfig, console: Console | None = None) -> tuple[Path, Ca
     for lay in result.layers:
         where = f"peak at y={lay.peak[0]}, x={lay.peak[1]}" if lay.peak else "no positive evidence"
         console.print(
-            f"  {lay.name:<16} stride {_fmt(lay.stride):>3}  rf {_fmt(lay.rf):>4} px  "
+            f"  {lay.name:<16} stride {fmt_value(lay.stride):>3}  rf {fmt_value(lay.rf):>4} px  "
             f"{lay.stage:<6}  max {lay.raw_max:8.3g}  {where}"
         )
     console.print(

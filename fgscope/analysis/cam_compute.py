@@ -182,10 +182,6 @@ class CamResult:
     notes: tuple[str, ...] = ()
 
 
-def _to_pil(x: Tensor) -> Image.Image:
-    arr = (x.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(arr, "RGB")
-
 
 def _logits(out: Any) -> Tensor:
     while not isinstance(out, Tensor):
@@ -318,7 +314,7 @@ def compute_cams(
     probs = logits.detach()[0].float().softmax(0).cpu()
     top = probs.topk(min(5, n_classes)) if labels is not None else None
     return CamResult(
-        image=name, display=_to_pil(lm.preprocess.unnormalize(x[0])), target=tgt, contrast=pair,
+        image=name, display=lm.preprocess.to_image(x[0]), target=tgt, contrast=pair,
         score=float(score.detach()), layers=out,
         top5=[(labels[int(i)], round(float(p), 4)) for p, i in zip(top.values, top.indices)]
         if top is not None and labels is not None else None,

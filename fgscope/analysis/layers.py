@@ -14,7 +14,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from ..capture import LayerSpec, capture, select_layers
 from ..device import autocast, resolve_device, resolve_dtype, to_device
 from ..errors import ImageError
 from ..geometry import trace_geometry
-from ..images import ImageFailure, LoadedImage, default_image, discover, load_images
+from ..images import ImageFailure, LoadedImage, default_image, load_inputs
 from ..models import LoadedModel, load_model
 from .stages import assign_stages
 
@@ -148,21 +147,6 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
-def _load_inputs(images: Sequence[Any] | None) -> tuple[list[LoadedImage], list[ImageFailure]]:
-    if images is None or len(images) == 0:
-        images = [default_image()]
-    pil = [im for im in images if isinstance(im, Image.Image)]
-    if pil:
-        if len(pil) != len(images):
-            raise ImageError("pass either PIL images or paths, not both")
-        return [
-            LoadedImage(path=Path(f"<image {i}>"), image=im.convert("RGB"), size=im.size, sha256="")
-            for i, im in enumerate(pil)
-        ], []
-    paths = discover([os.fspath(p) for p in images])
-    return load_images(paths)
-
-
 def _nan_to_none(v: float) -> float | None:
     return None if v is None or math.isnan(v) else float(v)
 
@@ -200,7 +184,7 @@ def inspect(
     """
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    loaded, failures = _load_inputs(images)
+    loaded, failures = load_inputs(images or [default_image()])
     if not loaded:
         reasons = "; ".join(f.reason for f in failures[:3])
         raise ImageError(f"none of the {len(failures)} image(s) could be read: {reasons}")
@@ -225,7 +209,7 @@ def inspect(
     names = [n for n in rec.names()]
     modules = dict(module.named_modules())
     rows = _table(names, acts, rec, geo, modules, inputs, output, lm.input_size)
-    display = [_to_pil(lm.preprocess.unnormalize(x)) for x in inputs]
+    display = [lm.preprocess.to_image(x) for x in inputs]
     return InspectResult(
         rows=rows,
         activations=acts,
@@ -304,10 +288,6 @@ def _table(names, acts, rec, geo, modules, inputs, output, input_size) -> list[L
         )
     return rows
 
-
-def _to_pil(x: torch.Tensor) -> Image.Image:
-    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(arr, "RGB")
 
 
 def _top5(output: torch.Tensor | None, labels: Sequence[str] | None) -> list[list[tuple[str, float]]] | None:

@@ -61,6 +61,7 @@ from .similarity_compute import (
     MIN_IMAGES,
     LayerPlace,
     SimilarityResult,
+    _num,
     compute_similarity,
     locate_layers,
 )
@@ -99,10 +100,6 @@ class SimilarityConfig:
     batch_size: int = 32
     minibatch: bool = True
 
-
-def _num(v: Any) -> float | None:
-    f = float(v)
-    return None if math.isnan(f) else f
 
 
 def _matrix_csv(rows: list[str], cols: list[str], mat: Tensor) -> str:

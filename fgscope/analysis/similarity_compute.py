@@ -8,7 +8,6 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from ..capture import LayerRecord, LayerSpec, capture, select_layers
 from ..device import autocast, resolve_device, resolve_dtype, to_device
 from ..errors import ConfigError, FgscopeError, ImageError, LayerNotFoundError
 from ..geometry import LayerGeometry, trace_geometry
-from ..images import ImageFailure, LoadedImage, discover, load_images
+from ..images import ImageFailure, LoadedImage, load_inputs
 from ..models import LoadedModel, Preprocess, load_model
 from .similarity_cka import CkaAccumulator, centered_gram
 from .stages import assign_stages
@@ -153,18 +152,6 @@ def _num(v: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
-def _load_inputs(images: Sequence[Any]) -> tuple[list[LoadedImage], list[ImageFailure]]:
-    pil = [im for im in images if isinstance(im, Image.Image)]
-    if pil:
-        if len(pil) != len(images):
-            raise ImageError("pass either PIL images or paths, not both")
-        return [
-            LoadedImage(Path(f"<image {i}>"), im.convert("RGB"), im.size, "")
-            for i, im in enumerate(pil)
-        ], []
-    return load_images(discover([os.fspath(p) for p in images]))
-
-
 def _has_own_preprocess(lm: LoadedModel) -> bool:
     """True when the preprocessing came with the weights (torchvision weights' transforms)."""
     return lm.source.kind == "torchvision" and lm.source.weights is not None
@@ -272,7 +259,7 @@ def compute_similarity(
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     vlm = None if vs is None else vs if isinstance(vs, LoadedModel) else load_model(vs)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    loaded, failures = _load_inputs(images)
+    loaded, failures = load_inputs(images)
     if len(loaded) < MIN_IMAGES:
         bad = f" ({len(failures)} could not be read)" if failures else ""
         raise ImageError(

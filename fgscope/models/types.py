@@ -103,6 +103,12 @@ class Preprocess:
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
         return x * std + mean
 
+    def to_image(self, x: torch.Tensor) -> Image.Image:
+        """The RGB picture the model saw: `x` (3, H, W) normalized, unnormalized and clamped."""
+        pixels = self.unnormalize(x.detach().cpu()).clamp(0, 1)
+        arr = (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return Image.fromarray(arr, "RGB")
+
 
 @dataclass(frozen=True)
 class ModelSource:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from ..analysis.cam_compute import CamResult
 
-__all__ = ["cam_overlay", "cam_figure", "cam_title"]
+__all__ = ["cam_overlay", "cam_figure", "cam_title", "fmt_value"]
 
 
 def cam_overlay(display: Image.Image, cam: Tensor | np.ndarray, alpha: float | None = None) -> np.ndarray:
@@ -36,7 +36,8 @@ def cam_overlay(display: Image.Image, cam: Tensor | np.ndarray, alpha: float | N
     return (col * a + base * (1.0 - a) + 0.5).astype(np.uint8)
 
 
-def _fmt(v: float | None) -> str:
+def fmt_value(v: float | None) -> str:
+    """A stride or receptive field for labels: `?` when unknown."""
     return "?" if v is None else f"{v:g}"
 
 
@@ -90,7 +91,7 @@ def cam_figure(result: CamResult) -> Figure:
             ax.set_xlim(-0.5, w_img - 0.5)
             ax.set_ylim(h_img - 0.5, -0.5)
             ax.set_title(
-                f"{lay.name}\nstride {_fmt(lay.stride)} · rf {_fmt(lay.rf)} px\n{lay.stage}",
+                f"{lay.name}\nstride {fmt_value(lay.stride)} · rf {fmt_value(lay.rf)} px\n{lay.stage}",
                 fontsize=size, pad=4,
             )
             note = f"max {lay.raw_max:.3g}" if lay.peak is not None else "no positive evidence"
