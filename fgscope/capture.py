@@ -49,6 +49,7 @@ __all__ = [
     "leaf_modules",
     "block_modules",
     "LayerSpec",
+    "first_tensor",
 ]
 
 LayerSpec = str | Sequence[str] | None
@@ -272,6 +273,11 @@ def _flatten(output: Any, key: str | None = None) -> Iterator[tuple[str | None, 
     elif isinstance(output, dict):
         for k, v in output.items():
             yield from _flatten(v, sub(k))
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The first tensor of a (nested) module output, in record order; None if there is none."""
+    return next((t for _, t in _flatten(output)), None)
 
 
 class _Hooks:

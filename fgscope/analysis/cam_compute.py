@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
-from ..capture import LayerRecord, capture, select_layers
+from ..capture import LayerRecord, capture, first_tensor, select_layers
 from ..device import resolve_device
 from ..errors import ConfigError
 from ..images import default_image, load_image
@@ -183,14 +183,10 @@ class CamResult:
 
 
 
-def _logits(out: Any) -> Tensor:
-    while not isinstance(out, Tensor):
-        if isinstance(out, dict) and out:
-            out = next(iter(out.values()))
-        elif isinstance(out, (tuple, list)) and out:
-            out = out[0]
-        else:
-            raise ConfigError("the model returned no tensor to explain")
+def _logits(output: Any) -> Tensor:
+    out = first_tensor(output)
+    if out is None:
+        raise ConfigError("the model returned no tensor to explain")
     if out.ndim != 2:
         raise ConfigError(
             f"Grad-CAM needs a classifier with (N, classes) logits; the model returned shape "

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from .. import metrics
-from ..capture import LayerSpec, capture, select_layers
+from ..capture import LayerSpec, capture, first_tensor, select_layers
 from ..device import autocast, resolve_device, resolve_dtype, to_device
 from ..errors import ImageError
 from ..geometry import trace_geometry
@@ -134,19 +134,6 @@ class InspectResult:
         return [r.to_dict() for r in self.rows]
 
 
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            t = _first_tensor(o)
-            if t is not None:
-                return t
-    return None
-
-
 def _nan_to_none(v: float) -> float | None:
     return None if v is None or math.isnan(v) else float(v)
 
@@ -201,7 +188,7 @@ def inspect(
             batch = to_device(inputs[start : start + batch_size], dev)
             with autocast(dev, dt):
                 out = module(batch)
-            first = _first_tensor(out)
+            first = first_tensor(out)
             if first is not None:
                 outputs.append(first.detach().float().cpu())
     acts = {k: v.float() for k, v in rec.stacked().items()}
