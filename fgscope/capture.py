@@ -40,6 +40,7 @@ from torch import nn
 from ._inplace import CopyOnWrite, storage_key
 from .analysis.stages import last_at_each_resolution
 from .errors import ConfigError, LayerNotFoundError
+from .forward import forward
 
 __all__ = [
     "LayerRecord",
@@ -197,7 +198,7 @@ def _stage_names(model: nn.Module, example_input: torch.Tensor | None) -> list[s
             seen.append((rec.module_name, (int(t.shape[-2]), int(t.shape[-1]))))
 
     with capture(model, list(blocks), on_record=on_record, to=None):
-        model(example_input)
+        forward(model, example_input)
     last = last_at_each_resolution([hw for _, hw in seen])
     return list(dict.fromkeys(seen[i][0] for i in last))
 

@@ -12,6 +12,7 @@ __all__ = [
     "FgscopeError",
     "ModelLoadError",
     "UnsafeModelError",
+    "ModelRunError",
     "ImageError",
     "LayerNotFoundError",
     "ConfigError",
@@ -51,6 +52,13 @@ class UnsafeModelError(ModelLoadError):
     """The file holds pickled code; loading it needs the user's explicit `--trust`."""
 
     exit_code = 4
+
+
+class ModelRunError(FgscopeError):
+    """The model cannot run on the input it was given (too small for its kernels, wrong rank,
+    a program exported for other shapes)."""
+
+    exit_code = 3
 
 
 class ImageError(FgscopeError):

@@ -39,6 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .capture import LayerRecord, LayerSpec, capture
+from .forward import forward
 
 __all__ = ["Axis", "LayerGeometry", "trace_geometry", "count_macs"]
 
@@ -393,7 +394,7 @@ def trace_geometry(
     with capture(model, layers, on_record=on_rec, to=None, example_input=x):
         tracker.seed(x)
         with tracker:
-            model(x)
+            forward(model, x)
     macs = tracker.macs // max(int(x.shape[0]), 1)
     tracker.geo.clear()
     return result, macs
@@ -405,6 +406,6 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     x = example_input.detach().clone()
     tracker.seed(x)
     with torch.inference_mode(), tracker:
-        model(x)
+        forward(model, x)
     tracker.geo.clear()
     return tracker.macs // max(int(x.shape[0]), 1)

@@ -12,10 +12,10 @@ import datetime as _dt
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from .errors import OutputError
 __all__ = [
     "RunDir",
     "new_run_dir",
+    "owned_files",
+    "JOURNAL",
     "write_json",
     "write_text",
     "atomic_write_bytes",
@@ -90,30 +92,43 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def new_run_dir(out: Path | None, command: str, overwrite: bool = False) -> Path:
+JOURNAL = ".fgscope-files"  # one relative path per line, appended as each file is written
+
+
+def new_run_dir(
+    out: Path | None,
+    command: str,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
+) -> Path:
     """The folder to write into.
 
     Args:
         out: requested folder; None = a new folder `fgscope-out/<command>-<timestamp>`.
         command: the command's name, used in default folder names.
-        overwrite: replace the files of an existing `out` instead of making a new folder.
+        overwrite: reuse an existing `out`, removing only the files an earlier fgscope run
+            wrote there (those its manifest and journal list); a folder holding anything else
+            is refused, never emptied.
+        inputs: the run's input paths (images, folders, run folders); `out` may not be one of
+            them or lie inside one (outputs would be read back as inputs, or deleted inputs).
 
     Returns:
-        An existing, empty (or, with `overwrite`, reused) folder.
+        An existing, empty (or, with `overwrite`, emptied of fgscope's files) folder.
+
+    Raises:
+        OutputError: `out` is a file, an input or inside one, holds files fgscope did not
+            write (with `overwrite`), or cannot be created.
     """
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = DEFAULT_ROOT / f"{command}-{stamp}"
-    out = Path(out)
+    out = Path(os.path.abspath(Path(out).expanduser()))  # `--out .` has a name only once absolute
+    _refuse_inputs(out, inputs)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a folder", hint="choose another --out")
     if out.exists() and any(out.iterdir()):
         if overwrite:
-            for child in out.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+            _remove_own_files(out)
         else:
             n = 2
             while (cand := out.with_name(f"{out.name}-{n}")).exists():
@@ -124,6 +139,83 @@ def new_run_dir(out: Path | None, command: str, overwrite: bool = False) -> Path
     except OSError as exc:
         raise OutputError(f"cannot create {out}: {exc.strerror or exc}") from None
     return out
+
+
+def _refuse_inputs(out: Path, inputs: Sequence[str | os.PathLike[str] | None]) -> None:
+    real = Path(os.path.realpath(out))
+    for item in inputs:
+        if item is None or not os.path.exists(item):  # globs and missing paths hold nothing yet
+            continue
+        src = Path(os.path.realpath(item))
+        if real == src or src in real.parents:
+            what = "is" if real == src else "is inside"
+            raise OutputError(
+                f"--out {out} {what} the input {item}: fgscope never writes into its inputs",
+                hint="choose an --out outside the inputs",
+            )
+
+
+def owned_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Split what `folder` holds into fgscope's own files (listed in the manifest or the
+    journal of the run that wrote them, sub-runs included) and everything else.
+
+    Returns:
+        (owned, foreign): paths of owned files; paths of foreign files and folders.
+    """
+    listed = {"manifest.json", JOURNAL}
+    manifest = folder / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
+        listed.update(str(f) for f in data.get("files", []) if isinstance(f, str))
+    except (OSError, ValueError, AttributeError):
+        pass  # an unreadable manifest vouches for nothing
+    try:
+        listed.update(x for x in (folder / JOURNAL).read_text(encoding="utf-8").splitlines() if x)
+    except OSError:
+        pass
+    if not manifest.exists() and not (folder / JOURNAL).exists():
+        return [], sorted(folder.iterdir())  # no run of fgscope's was ever written here
+    owned: list[Path] = []
+    foreign: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        base = Path(root)
+        for d in list(dirs):
+            sub = base / d
+            if sub.is_symlink():
+                foreign.append(sub)
+                dirs.remove(d)
+            elif (sub / "manifest.json").exists() or (sub / JOURNAL).exists():
+                o, f = owned_files(sub)  # a sub-run (report's layers/, cam/, ...)
+                owned += o
+                foreign += f
+                dirs.remove(d)
+        for name in files:
+            path = base / name
+            rel = path.relative_to(folder).as_posix()
+            temp = name.startswith(".") and name.endswith(".tmp")  # atomic_write_bytes leftovers
+            (owned if rel in listed or temp else foreign).append(path)
+        if not files and not dirs and base != folder:
+            foreign.append(base)  # an empty folder fgscope did not make (it makes none)
+    return owned, foreign
+
+
+def _remove_own_files(out: Path) -> None:
+    owned, foreign = owned_files(out)
+    if foreign:
+        names = ", ".join(str(p.relative_to(out)) for p in foreign[:3])
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise OutputError(
+            f"--overwrite: {out} holds files fgscope did not write ({names}{more}); "
+            "nothing was removed",
+            hint="choose an empty or new --out, or move those files away",
+        )
+    for path in owned:
+        with _suppress():
+            path.unlink()
+    for root, _dirs, _files in sorted(os.walk(out), key=lambda t: -len(t[0])):
+        if Path(root) != out:
+            with _suppress():
+                os.rmdir(root)  # only folders the removal emptied
 
 
 @dataclass
@@ -143,6 +235,7 @@ class RunDir:
         self.manifest.setdefault("versions", _versions())
         self.manifest.setdefault("timings_s", {})
         self.manifest.setdefault("files", [])
+        self._listed = set(self.manifest["files"])
 
     def file(self, name: str) -> Path:
         """Path of an output file inside the run folder (parents created)."""
@@ -151,9 +244,17 @@ class RunDir:
         return p
 
     def wrote(self, path: Path) -> None:
-        rel = str(Path(path).relative_to(self.path))
-        if rel not in self.manifest["files"]:
+        """Record a file as this run's: listed in the manifest, and at once in the journal
+        (so that `--overwrite` knows fgscope's files even after an interrupted run)."""
+        rel = Path(path).relative_to(self.path).as_posix()
+        if rel not in self._listed:
+            self._listed.add(rel)
             self.manifest["files"].append(rel)
+            try:
+                with open(self.path / JOURNAL, "a", encoding="utf-8") as fh:
+                    fh.write(rel + "\n")
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.path / JOURNAL}: {exc.strerror or exc}") from None
 
     def time(self, what: str, seconds: float) -> None:
         self.manifest["timings_s"][what] = round(seconds, 4)
@@ -164,6 +265,8 @@ class RunDir:
         self.manifest["finished_at"] = _dt.datetime.now().astimezone().isoformat()
         path = self.path / "manifest.json"
         write_json(path, self.manifest)
+        with _suppress():  # the manifest now lists every file the journal did
+            os.unlink(self.path / JOURNAL)
         return path
 
 

@@ -296,6 +296,7 @@ def main(
     ImageFolder layout, plus coarse_map.json for `fgscope probe --coarse-map`.
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from .cli._common import guarded
@@ -309,7 +310,7 @@ def main(
                           on_image=lambda: bar.advance(task))
         console.print(
             f"wrote {ds.n_images} images ({len(ds.classes)} fine classes, {len(SHAPES)} coarse) "
-            f"to [bold]{ds.root}[/] and {ds.coarse_map_path.name}"
+            f"to [bold]{escape(str(ds.root))}[/] and {ds.coarse_map_path.name}"
         )
 
 

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
+
 from ..errors import ConfigError
 from ..runs import RunDir, new_run_dir, write_json, write_text
 from .probe import ProbeConfig, check_pools
@@ -414,7 +416,7 @@ def run_advise(config: AdviseConfig, console: Console | None = None) -> tuple[Pa
         data = result.to_json()
     t_probe = time.perf_counter() - t0
     advice = make_advice(data, config.part_size)
-    run = RunDir(new_run_dir(config.out, "advise", config.overwrite), "advise", started=started)
+    run = RunDir(new_run_dir(config.out, "advise", config.overwrite, [config.data, config.from_probe, config.coarse_map]), "advise", started=started)
     run.time("probe" if result is not None else "read_probe", t_probe)
     if result is not None:
         write_manifest_inputs(run, lm, pc, result, feats)
@@ -434,5 +436,5 @@ def run_advise(config: AdviseConfig, console: Console | None = None) -> tuple[Pa
     run.wrote(run.path / "advice.json")
     run.finish()
     console.print(Markdown(advice.text))
-    console.print(f"wrote {len(run.manifest['files']) + 1} files to [bold]{run.path}[/]")
+    console.print(f"wrote {len(run.manifest['files']) + 1} files to [bold]{escape(str(run.path))}[/]")
     return run.path, advice

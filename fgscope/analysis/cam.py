@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 
 # The code lives in two more modules, re-exported here as the public API:
 #   cam_compute  Grad-CAM itself (grad_cam, resolve_class, compute_cams)
@@ -103,7 +104,7 @@ def run_cam(config: CamConfig, console: Console | None = None) -> tuple[Path, Ca
     )
     t_cam = time.perf_counter() - t0
 
-    run = RunDir(new_run_dir(config.out, "cam", config.overwrite), "cam")
+    run = RunDir(new_run_dir(config.out, "cam", config.overwrite, [config.image]), "cam")
     run.time("load_model", t_load)
     run.time("grad_cam", t_cam)
     run.manifest.update(
@@ -152,18 +153,18 @@ def run_cam(config: CamConfig, console: Console | None = None) -> tuple[Path, Ca
     manifest = run.finish()
 
     for note in result.notes:
-        console.print(f"[dim]note:[/] {note}")
+        console.print(f"[dim]note:[/] {escape(note)}")
     if result.top5:
-        console.print("top-5: " + ", ".join(f"{lab} {p:.1%}" for lab, p in result.top5))
-    console.print(cam_title(result))
+        console.print(escape("top-5: " + ", ".join(f"{lab} {p:.1%}" for lab, p in result.top5)))
+    console.print(escape(cam_title(result)))
     for lay in result.layers:
         where = f"peak at y={lay.peak[0]}, x={lay.peak[1]}" if lay.peak else "no positive evidence"
         console.print(
             f"  {lay.name:<16} stride {fmt_value(lay.stride):>3}  rf {fmt_value(lay.rf):>4} px  "
-            f"{lay.stage:<6}  max {lay.raw_max:8.3g}  {where}"
+            f"{lay.stage:<6}  max {lay.raw_max:8.3g}  {where}", markup=False
         )
     console.print(
-        f"wrote {len(run.manifest['files'])} files to [bold]{run.path}[/] "
+        f"wrote {len(run.manifest['files'])} files to [bold]{escape(str(run.path))}[/] "
         f"({manifest.name}, cam.json, cam.png, cam_raw.npz, one PNG per layer)"
     )
     return run.path, result

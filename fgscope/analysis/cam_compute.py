@@ -20,6 +20,7 @@ from torch.autograd.graph import get_gradient_edge
 from ..capture import LayerRecord, capture, first_tensor, select_layers
 from ..device import resolve_device
 from ..errors import ConfigError
+from ..forward import forward
 from ..images import default_image, load_image
 from ..models import LoadedModel, load_model
 from .similarity_compute import locate_layers
@@ -270,7 +271,7 @@ def compute_cams(
 
     xin = x.clone().requires_grad_(True)  # a graph even when every parameter is frozen
     with torch.enable_grad(), capture(module, selected, on_record=on_record, to=None, grad=True):
-        logits = _logits(module(xin))
+        logits = _logits(forward(module, xin))
     if not values:
         raise ConfigError(
             f"none of the selected layers ({', '.join(selected[:5])}) outputs a spatial feature map",

@@ -24,6 +24,7 @@ from .. import metrics
 from ..capture import LayerSpec, capture, first_tensor, select_layers
 from ..device import autocast, resolve_device, resolve_dtype, to_device
 from ..errors import ImageError
+from ..forward import forward
 from ..geometry import trace_geometry
 from ..images import ImageFailure, LoadedImage, default_image, load_inputs
 from ..models import LoadedModel, load_model
@@ -187,7 +188,7 @@ def inspect(
         for start in range(0, len(inputs), batch_size):
             batch = to_device(inputs[start : start + batch_size], dev)
             with autocast(dev, dt):
-                out = module(batch)
+                out = forward(module, batch)
             first = first_tensor(out)
             if first is not None:
                 outputs.append(first.detach().float().cpu())

@@ -25,8 +25,10 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import ConfigError
 from ..runs import RunDir, model_entry, new_run_dir, write_json, write_text
@@ -155,7 +157,7 @@ def _print_table(console: Console, result: InspectResult) -> None:
     colour = {"early": "cyan", "middle": "green", "late": "magenta"}
     for r in result.rows:
         cells = [
-            str(r.index), r.name, r.type, _fmt_cell(r.shape), _fmt_cell(r.stride),
+            str(r.index), Text(r.name), Text(r.type), _fmt_cell(r.shape), _fmt_cell(r.stride),
             ("~" if r.rf is not None and not r.rf_exact else "") + _fmt_cell(r.rf),
             f"[{colour[r.stage]}]{r.stage}[/]", _fixed(r.sparsity, 3), _fixed(r.concentration, 3),
             _fixed(r.eff_dim, 1), _short(r.mean), _short(r.max),
@@ -213,7 +215,9 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
             "folds": probed.folds, "seed": probed.seed, "pool": "avg", "granularity": "fine",
             "seconds": round(time.perf_counter() - t0, 4), "notes": list(probed.notes),
         }
-    run = RunDir(new_run_dir(config.out, "layers", config.overwrite), "layers", started=started)
+    run = RunDir(new_run_dir(
+        config.out, "layers", config.overwrite, [*config.images, config.probe_data]
+    ), "layers", started=started)
     run.time("load_model", t_load)
     run.time("inspect", t_inspect)
     if probe_info is not None:
@@ -234,7 +238,7 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
     if probe_info is not None:
         run.manifest["probe"] = probe_info
     for f in result.failures:
-        console.print(f"[yellow]skipped[/] {f.reason}")
+        console.print(f"[yellow]skipped[/] {escape(f.reason)}")
 
     t0 = time.perf_counter()
     rows = result.rows
@@ -306,13 +310,13 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
     if result.predictions:
         for li, preds in zip(result.images, result.predictions):
             top = ", ".join(f"{lab} {p:.1%}" for lab, p in preds)
-            console.print(f"[bold]{li.path.name}[/]: {top}")
+            console.print(f"[bold]{escape(li.path.name)}[/]: {escape(top)}")
     if len(result.images) < 3:
         console.print(
             "[dim]CKA columns need at least 3 images (with 2, linear CKA is always 1).[/]"
         )
     console.print(
-        f"wrote {len(run.manifest['files'])} files to [bold]{run.path}[/] "
+        f"wrote {len(run.manifest['files'])} files to [bold]{escape(str(run.path))}[/] "
         f"({manifest.name}, layers.csv/.json/.md, hierarchy.png, geometry.png"
         f"{', grids/' if config.grids else ''})"
     )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError, ImageError
+from ..forward import forward
 
 if TYPE_CHECKING:
     import torch
@@ -275,7 +276,7 @@ def extract_features(
                     failures.append((str(item.path), item.reason))
             if tensors:
                 with autocast(dev, dt):
-                    module(to_device(torch.stack(tensors), dev))
+                    forward(module, to_device(torch.stack(tensors), dev))
             done += len(part)
             if on_batch is not None:
                 on_batch(done)

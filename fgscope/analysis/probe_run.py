@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, FgscopeError
+from rich.markup import escape
+from rich.text import Text
+
+from ..errors import ConfigError
 from ..render.probe import fmt_num
 from ..runs import RunDir, model_entry, new_run_dir, write_json, write_text
 from .probe_features import Features, check_pools
@@ -207,7 +210,7 @@ def run_probe(config: ProbeConfig, console: Console | None = None) -> tuple[Path
         batch_size=config.batch_size, max_per_class=config.max_per_class, console=console,
     )
     t_probe = time.perf_counter() - t0
-    run = RunDir(new_run_dir(config.out, "probe", config.overwrite), "probe", started=started)
+    run = RunDir(new_run_dir(config.out, "probe", config.overwrite, [config.data, config.coarse_map]), "probe", started=started)
     write_manifest_inputs(run, lm, config, result, feats)
     run.time("load_model", t_load)
     run.time("features_and_probes", t_probe)
@@ -216,7 +219,7 @@ def run_probe(config: ProbeConfig, console: Console | None = None) -> tuple[Path
     run.time("files", time.perf_counter() - t0)
     run.finish()
     print_summary(console, result)
-    console.print(f"wrote {len(run.manifest['files']) + 1} files to [bold]{run.path}[/] "
+    console.print(f"wrote {len(run.manifest['files']) + 1} files to [bold]{escape(str(run.path))}[/] "
                   "(probe.json/.csv/.md, probe.png, manifest.json)")
     return run.path, result
 
@@ -244,13 +247,13 @@ def print_summary(console: Console, result: ProbeResult) -> None:
             r = cell.get((layer.name, *s))
             text = "–" if r is None else (f"{r.acc_mean:.3f} ± {r.acc_std:.3f}" if full else f"{r.acc_mean:.3f}")
             vals.append(f"[bold]{text}[/]" if r is not None and r.acc_mean == best[s] else text)
-        head = [str(layer.index), layer.name] + ([layer.stage] if full else []) + [fmt_num(layer.stride) or "–"]
+        head = [str(layer.index), Text(layer.name)] + ([layer.stage] if full else []) + [fmt_num(layer.stride) or "–"]
         t.add_row(*head, *vals)
     console.print(t)
     chance = {r.granularity: r.chance for r in result.rows}
-    console.print("chance (majority class): " + ", ".join(f"{g} {v:.3f}" for g, v in chance.items()))
+    console.print("chance (majority class): " + ", ".join(f"{g} {v:.3f}" for g, v in chance.items()), markup=False)
     for note in result.notes:
-        console.print(f"[yellow]note[/]: {note}")
+        console.print(f"[yellow]note[/]: {escape(note)}")
 
 
 def load_probe(folder: str | Path) -> dict[str, Any]:
@@ -264,9 +267,9 @@ def load_probe(folder: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FgscopeError(f"no probe.json in {folder}", hint="pass the folder of a `fgscope probe` run") from None
+        raise ConfigError(f"no probe.json in {folder}", hint="pass the folder of a `fgscope probe` run") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise FgscopeError(f"cannot read {path}: {exc}") from None
+        raise ConfigError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict) or "rows" not in data or "classes" not in data:
-        raise FgscopeError(f"{path} is not a probe.json (no rows/classes)", hint="pass a `fgscope probe` run folder")
+        raise ConfigError(f"{path} is not a probe.json (no rows/classes)", hint="pass a `fgscope probe` run folder")
     return data

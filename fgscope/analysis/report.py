@@ -453,7 +453,9 @@ def run_report(config: ReportConfig, console: Console | None = None) -> tuple[Pa
     console = console or Console(quiet=True)
     config.check()
     runs_from = load_runs(config.from_dirs) if config.from_dirs else None
-    out = new_run_dir(config.out, "report", config.overwrite)
+    out = new_run_dir(config.out, "report", config.overwrite, [
+        *config.images, *config.from_dirs, config.probe_data, config.coarse_map,
+    ])
     run = RunDir(out, "report")
     notes: list[str] = []
     hierarchy = None

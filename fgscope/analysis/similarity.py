@@ -42,7 +42,9 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 from torch import Tensor
 
 # The code lives in three more modules, re-exported here as the public API:
@@ -149,7 +151,7 @@ def run_similarity(
         )
     t_cka = time.perf_counter() - t0
 
-    run = RunDir(new_run_dir(config.out, "similarity", config.overwrite), "similarity")
+    run = RunDir(new_run_dir(config.out, "similarity", config.overwrite, config.images), "similarity")
     run.time("load_model", t_load)
     run.time("cka", t_cka)
     run.manifest.update(
@@ -163,9 +165,9 @@ def run_similarity(
         notes=list(result.notes),
     )
     for f in result.failures:
-        console.print(f"[yellow]skipped[/] {f.reason}")
+        console.print(f"[yellow]skipped[/] {escape(f.reason)}")
     for note in result.notes:
-        console.print(f"[dim]note:[/] {note}")
+        console.print(f"[dim]note:[/] {escape(note)}")
 
     t0 = time.perf_counter()
     data = {
@@ -207,7 +209,7 @@ def run_similarity(
 
     _print_summary(console, result, data)
     console.print(
-        f"wrote {len(run.manifest['files'])} files to [bold]{run.path}[/] ({manifest.name}, "
+        f"wrote {len(run.manifest['files'])} files to [bold]{escape(str(run.path))}[/] ({manifest.name}, "
         "similarity.json/.csv, similarity_debiased.csv, similarity.png)"
     )
     return run.path, result
@@ -238,18 +240,18 @@ def _print_summary(console: Console, result: SimilarityResult, data: dict[str, A
         need = max(map(len, result.layers_x)) + 14 + sum(max(len(c), 4) + 3 for c in result.layers_y)
         short = need > console.width  # columns by number, named in the caption
         for j, name in enumerate(result.layers_y):
-            t.add_column(f"[{j}]" if short else name, justify="right", no_wrap=True)
+            t.add_column(f"[{j}]" if short else escape(name), justify="right", no_wrap=True)
         if short:
-            t.caption = "columns: " + ", ".join(f"[{j}] {c}" for j, c in enumerate(result.layers_y))
+            t.caption = "columns: " + ", ".join(f"\\[{j}] {escape(c)}" for j, c in enumerate(result.layers_y))
         for i, name in enumerate(result.layers_x):
-            t.add_row(name, result.places_x[i].stage, *(cell(v) for v in d[i].tolist()))
+            t.add_row(Text(name), result.places_x[i].stage, *(cell(v) for v in d[i].tolist()))
     elif result.vs_model is None:
         t.add_column("to next", justify="right")
         t.add_column("to first", justify="right")
         t.add_column("to last", justify="right")
         for i, name in enumerate(result.layers_x):
             nxt = cell(float(d[i, i + 1])) if i + 1 < len(result.layers_x) else ""
-            t.add_row(name, result.places_x[i].stage, nxt, cell(float(d[i, 0])), cell(float(d[i, -1])))
+            t.add_row(Text(name), result.places_x[i].stage, nxt, cell(float(d[i, 0])), cell(float(d[i, -1])))
     else:
         same = {r["layer"]: r for r in data.get("diagonal", [])}
         t.add_column("same layer", justify="right")
@@ -260,8 +262,8 @@ def _print_summary(console: Console, result: SimilarityResult, data: dict[str, A
             j = int(row.argmax())
             s_ = same.get(name, {}).get("cka_debiased")
             t.add_row(
-                name, result.places_x[i].stage, "" if s_ is None else f"{s_:.2f}",
-                result.layers_y[j], cell(float(d[i, j])),
+                Text(name), result.places_x[i].stage, "" if s_ is None else f"{s_:.2f}",
+                Text(result.layers_y[j]), cell(float(d[i, j])),
             )
     console.print(t)
     if data.get("diagonal"):
@@ -269,4 +271,4 @@ def _print_summary(console: Console, result: SimilarityResult, data: dict[str, A
         text = ", ".join(
             f"{r['layer']} {r['cka_debiased']:.3f}" for r in worst if r["cka_debiased"] is not None
         )
-        console.print(f"largest change against --vs (debiased CKA): {text}")
+        console.print(f"largest change against --vs (debiased CKA): {text}", markup=False)

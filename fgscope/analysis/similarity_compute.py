@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from ..capture import LayerRecord, LayerSpec, capture, select_layers
 from ..device import autocast, resolve_device, resolve_dtype, to_device
-from ..errors import ConfigError, FgscopeError, ImageError, LayerNotFoundError
+from ..errors import ConfigError, ImageError, LayerNotFoundError, ModelRunError
+from ..forward import forward
 from ..geometry import LayerGeometry, trace_geometry
 from ..images import ImageFailure, LoadedImage, load_inputs
 from ..models import LoadedModel, Preprocess, load_model
@@ -192,11 +193,11 @@ class _Side:
 
         module = self.lm.module
         with capture(module, self.selected, on_record=on_record, to=None), autocast(dev, dt):
-            module(x)
+            forward(module, x)
         if not self.names:
             self.names = seen
         elif seen != self.names:
-            raise FgscopeError(
+            raise ModelRunError(
                 "the model recorded different layers for different batches "
                 f"({', '.join(seen[:4])} vs {', '.join(self.names[:4])})",
                 "select layers that run on every forward",

@@ -44,12 +44,18 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also show torch's own warnings and log messages."
+    ),
 ) -> None:
     """See and measure how a CNN's features change with depth.
 
     Every command loads a model (a torchvision name or a file), runs it on CPU or CUDA, and
     records what each layer produced. Start with `fgscope summary` (no images needed).
     """
+    from ._common import set_verbose
+
+    set_verbose(verbose)
 
 
 # One line per command; each command lives in its own file.

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import FgscopeError
 
@@ -31,6 +32,8 @@ __all__ = [
     "DeviceOpt",
     "DtypeOpt",
     "guarded",
+    "print_error",
+    "set_verbose",
     "err_console",
     "model_kwargs",
 ]
@@ -128,19 +131,69 @@ def model_kwargs(
     }
 
 
+_VERBOSE = {"on": False}  # set by the root `--verbose` option (fgscope/cli/__init__.py)
+
+
+def set_verbose(on: bool) -> None:
+    """Show torch's own warnings and log records (hidden by default, see `guarded`)."""
+    _VERBOSE["on"] = bool(on)
+
+
+@contextlib.contextmanager
+def _quiet_libraries(verbose: bool) -> Iterator[None]:
+    """Hide torch's internal warnings and logging while a command runs, unless `--verbose`.
+
+    torch.export and torch.serialization log whole tracebacks (`log.warning(..., exc_info=True)`)
+    before fgscope turns the same failure into its one-line error, and a log record whose
+    arguments do not match its format prints `--- Logging error ---` blocks; neither helps a
+    user. Everything is restored afterwards (the CLI runs in-process in tests and notebooks)."""
+    if verbose:
+        yield
+        return
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("torch", "torchvision", "PIL", "matplotlib")]
+    levels = [lg.level for lg in loggers]
+    raise_exceptions = logging.raiseExceptions
+    try:
+        logging.raiseExceptions = False  # a broken record is dropped, not printed
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.raiseExceptions = raise_exceptions
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def print_error(console: Console, text: str) -> None:
+    """`error: TEXT` on one line. TEXT is printed as plain text: paths, layer names like
+    `features.0[1]` and file names like `a[b]c.jpg` are never read as rich markup."""
+    console.print(Text.assemble(("error:", "bold red"), " ", " ".join(str(text).split())))
+
+
 @contextlib.contextmanager
 def guarded(console: Console | None = None) -> Iterator[None]:
     """Turn an `FgscopeError` into `error: <one line>` on stderr and its exit code;
-    Ctrl-C into exit code 130 with what was written kept."""
+    Ctrl-C into exit code 130 with what was written kept; library noise hidden unless
+    `--verbose`."""
     console = console or err_console
     try:
-        yield
+        with _quiet_libraries(_VERBOSE["on"]):
+            yield
     except FgscopeError as exc:
-        console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        if _VERBOSE["on"] and exc.__cause__ is not None:  # what torch said, for a bug report
+            import traceback
+
+            console.print("".join(traceback.format_exception(exc.__cause__)).rstrip(), markup=False)
+        print_error(console, str(exc))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: files already written are complete and kept.")
         raise typer.Exit(130) from None
     except MemoryError:
-        console.print("[bold red]error:[/] out of memory (try a smaller --batch-size or --size)")
+        print_error(console, "out of memory (try a smaller --batch-size or --size)")
         sys.exit(9)

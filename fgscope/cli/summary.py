@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from ._common import (
     ArchOpt,
@@ -63,10 +65,10 @@ def summary(
         _print_table(console, result, loaded)
         if json_path is not None:
             _write(json_path, json.dumps(result.to_dict(), indent=1))
-            console.print(f"wrote {json_path}")
+            console.print(f"wrote {json_path}", markup=False)
         if csv_path is not None:
             _write_csv(csv_path, result)
-            console.print(f"wrote {csv_path}")
+            console.print(f"wrote {csv_path}", markup=False)
 
 
 def _fmt(v: object) -> str:
@@ -93,7 +95,7 @@ def _print_table(console: Console, result, loaded) -> None:
         if r.rf is not None and not r.rf_exact:
             rf = "~" + rf
         table.add_row(
-            str(r.index), r.name, r.type, "x".join(map(str, r.shape)), _fmt(r.stride), rf,
+            str(r.index), Text(r.name), Text(r.type), "x".join(map(str, r.shape)), _fmt(r.stride), rf,
             f"{r.params:,}",
         )
     console.print(table)
@@ -103,7 +105,7 @@ def _print_table(console: Console, result, loaded) -> None:
         f"(trainable {result.trainable_params:,}) | mult-adds {result.macs / 1e6:,.1f} M"
     )
     for note in src.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
 
 def _write(path: Path, text: str) -> None:

@@ -69,6 +69,11 @@ def _kind(folder: Path) -> tuple[str, dict[str, Any]]:
     if not folder.is_dir():
         raise ConfigError(f"--from {folder}: no such folder", hint=_HINT)
     manifest_path = folder / "manifest.json"
+    if (folder / "dump.json").is_file() and not (folder / "index.json").is_file():
+        raise ConfigError(
+            f"--from {folder} is a dump whose parts have not all finished (no index.json)",
+            hint="finish every part (the same fgscope dump command) or run fgscope dump-merge",
+        )
     if not manifest_path.is_file():
         index = folder / "index.json"
         if index.is_file():  # a dump keeps its manifest inside index.json
@@ -78,6 +83,11 @@ def _kind(folder: Path) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"--from {folder} has no manifest.json", hint=_HINT)
     manifest = read_json(manifest_path, "the command that made it")
     command = manifest.get("command") if isinstance(manifest, dict) else None
+    if command == "dump" and "parts" in manifest and (folder.parent.name == "parts"):
+        raise ConfigError(
+            f"--from {folder} is one part of a sharded dump",
+            hint=f"pass the dump folder {folder.parent.parent} once every part has finished",
+        )
     if command not in (*RUN_KINDS, "report"):
         raise ConfigError(
             f"--from {folder} was written by `fgscope {command}`, which a report cannot show",

@@ -61,6 +61,10 @@ def _model_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _list(value: object) -> list:
+    return list(value) if isinstance(value, list) else []
+
+
 def summary_section(runs: Runs) -> Section | None:
     """Model, weights, images, device, versions, command and predictions.
 
@@ -77,10 +81,11 @@ def summary_section(runs: Runs) -> Section | None:
     if isinstance(model, str):
         model = {"spec": model}
     rows = _model_rows(model) if model else []
-    images = man.get("images") or []
-    failures = man.get("failures") or []
+    # Manifests come from several commands and versions: read what has the expected shape.
+    images = [im for im in _list(man.get("images")) if isinstance(im, dict)]
+    failures = [f for f in _list(man.get("failures")) if isinstance(f, dict)]
     img_txt = f"{len(images)}" + (f" ({len(failures)} unreadable, skipped)" if failures else "")
-    versions = man.get("versions") or {}
+    versions = man.get("versions") if isinstance(man.get("versions"), dict) else {}
     rows += [
         ("images", img_txt if images else ""),
         ("device", esc(" · ".join(str(x) for x in (man.get("device"), man.get("dtype")) if x))),
@@ -106,7 +111,7 @@ def summary_section(runs: Runs) -> Section | None:
             body += f"<p>… and {len(images) - len(shown)} more (all listed in the manifest).</p>"
     for f in failures[:5]:
         body += f'<p class="lead">skipped: {esc(f.get("reason", f.get("path", "")))}</p>'
-    preds = man.get("predictions") or []
+    preds = [p for p in _list(man.get("predictions")) if isinstance(p, dict)]
     if preds:
         body += "<h3>Top-5 predictions</h3>"
         if len(preds) > 8:
