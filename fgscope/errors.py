@@ -38,8 +38,9 @@ class FgscopeError(Exception):
 
     def __str__(self) -> str:
         text = self.message if not self.hint else f"{self.message} ({self.hint})"
-        # One line, always: multi-line details from libraries are folded.
-        return " ".join(text.split())
+        # One line, always: line breaks in details from libraries are folded (only those:
+        # a path with two spaces or a tab must stay the same path).
+        return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ").strip()
 
 
 class ModelLoadError(FgscopeError):

@@ -75,7 +75,8 @@ class _suppress:
 
 
 def write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # backslashreplace: a file name that is not UTF-8 (b"\xff.jpg") becomes a valid escape
+    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -145,7 +145,7 @@ def test_advise_from_a_probe_folder(tmp_path):
 
 def test_advise_errors_are_one_line(tmp_path):
     for args, code, needle in [
-        (["--from-probe", tmp_path], 1, "no probe.json"),
+        (["--from-probe", tmp_path], 2, "no probe.json"),  # a config error (exit 2), documented
         ([], 2, "DATA"),
         (["mobilenet_v2", tmp_path, "--part-size", "0"], 2, "--part-size"),
     ]:

@@ -160,9 +160,13 @@ def test_existing_out_is_not_overwritten(tmp_path, tiny_state_dict):
     assert result.exit_code == 0, result.output
     assert (out / "keep.txt").read_text() == "mine"
     assert (tmp_path / "run-2" / "layers.json").is_file()
-    result = run(*args, "--overwrite")
-    assert result.exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "layers.json").is_file()
+    # --overwrite removes only what fgscope wrote: a folder holding a user's file is refused
+    assert_one_line_error(run(*args, "--overwrite"), 8, "keep.txt", "nothing was removed")
+    assert (out / "keep.txt").read_text() == "mine"
+    again = [a if a != out else tmp_path / "run-2" for a in args]
+    result = run(*again, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run-2" / "layers.json").is_file() and not (tmp_path / "run-3").exists()
 
 
 @pytest.fixture(scope="module")

@@ -241,7 +241,7 @@ def compute_cams(
         name, pil = "<image>", image.convert("RGB")
     else:
         path = Path(image) if image is not None else default_image()
-        name, pil = str(path), load_image(path)
+        name, pil = str(path), load_image(path, resize_size=lm.preprocess.resize_size)
     # Class names are checked before anything runs; indices once the output size is known.
     n_known = len(lm.labels) if lm.labels else None
     wanted = [] if target is None else [target]

@@ -172,7 +172,7 @@ def inspect(
     """
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    loaded, failures = load_inputs(images or [default_image()])
+    loaded, failures = load_inputs(images or [default_image()], resize_size=lm.preprocess.resize_size)
     if not loaded:
         reasons = "; ".join(f.reason for f in failures[:3])
         raise ImageError(f"none of the {len(failures)} image(s) could be read: {reasons}")
@@ -185,8 +185,9 @@ def inspect(
 
     outputs: list[torch.Tensor] = []
     with capture(module, list(selected), to="cpu") as rec:
-        for start in range(0, len(inputs), batch_size):
-            batch = to_device(inputs[start : start + batch_size], dev)
+        step = min(batch_size, lm.max_batch or batch_size)  # a static-batch .pt2 takes no more
+        for start in range(0, len(inputs), step):
+            batch = to_device(inputs[start : start + step], dev)
             with autocast(dev, dt):
                 out = forward(module, batch)
             first = first_tensor(out)

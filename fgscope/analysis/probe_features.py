@@ -222,6 +222,7 @@ def extract_features(
     from .stages import assign_stages
 
     pools = check_pools(pools)
+    batch_size = min(batch_size, lm.max_batch or batch_size)  # a static-batch .pt2 takes no more
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     module = lm.module
     module.to(dev)
@@ -267,7 +268,7 @@ def extract_features(
         for start in range(0, len(paths), batch_size):
             part = paths[start : start + batch_size]
             tensors = []
-            for j, item in enumerate(iter_images(part)):
+            for j, item in enumerate(iter_images(part, resize_size=lm.preprocess.resize_size)):
                 if isinstance(item, LoadedImage):
                     tensors.append(lm.preprocess(item.image))
                     kept.append(start + j)

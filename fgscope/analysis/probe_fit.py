@@ -338,6 +338,7 @@ def probe(
             lm, paths, layers, pools, device=device, dtype=dtype, batch_size=batch_size, seed=seed,
             bilinear_channels=bilinear_channels, on_batch=lambda done: bar.update(task, completed=done),
         )
+    feats.failures[:0] = [(str(f.path), f.reason) for f in ds.failures]  # folders skipped
     y_fine = labels[feats.kept]
     _check_counts(y_fine, ds.classes, folds, "fine")
     targets: dict[str, np.ndarray] = {"fine": y_fine}

@@ -260,7 +260,8 @@ def compute_similarity(
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     vlm = None if vs is None else vs if isinstance(vs, LoadedModel) else load_model(vs)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    loaded, failures = load_inputs(images)
+    sizes = [m.preprocess.resize_size for m in (lm, vlm) if m is not None and m.preprocess.resize_size]
+    loaded, failures = load_inputs(images, resize_size=max(sizes, default=None))
     if len(loaded) < MIN_IMAGES:
         bad = f" ({len(failures)} could not be read)" if failures else ""
         raise ImageError(
@@ -278,9 +279,14 @@ def compute_similarity(
             _prepare(vlm, vlm.preprocess if own else lm.preprocess, layers, pics[0], dev, "--vs model")
         )
     n = len(loaded)
-    method, batches = _batches(n, batch_size, minibatch)
-    notes = []
-    if method == "full" and minibatch:
+    # A static-batch .pt2 takes at most `cap` images per forward: `full` CKA, whose rows are
+    # filled forward by forward, in forwards of at most `cap` images.
+    cap = min((m.max_batch for m in (lm, vlm) if m is not None and m.max_batch), default=None)
+    method, batches = _batches(n, batch_size, minibatch and cap is None)
+    if cap is not None:
+        batches = [part for idx in batches for part in np.array_split(idx, -(-len(idx) // cap))]
+    notes = [f"at most {cap} image(s) per forward: CKA computed on all {n} at once"] if cap else []
+    if method == "full" and minibatch and cap is None:
         notes.append(
             f"{n} images are fewer than two batches of {batch_size}: CKA computed on all "
             f"{n} at once (n x n Grams) instead of in minibatches"
