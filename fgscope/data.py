@@ -2,9 +2,11 @@
 
 `resolve_inputs` turns what the user typed (a folder, an ImageFolder-layout folder, a glob, a
 `.txt` list of paths) into an `InputList`: paths in a fixed order, with integer labels and
-class names when the layout gives them. `ImageDataset` decodes and preprocesses one input per
+class names when the layout gives them, and the folders that were skipped while searching
+(unreadable, a link loop) as `failures`. `ImageDataset` decodes and preprocesses one input per
 item and returns a bad file as a failure instead of raising, so a corrupt image among a
-million never stops a run; `collate` drops failures from the batch and keeps their reasons.
+million never stops a run (nor does an image whose resize step would explode: see
+`ImageDataset`); `collate` drops failures from the batch and keeps their reasons.
 `make_loader` builds the `DataLoader` (worker processes, pinned memory for CUDA).
 """
 
@@ -20,7 +22,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ImageError
-from .images import IMAGE_EXTENSIONS, discover, image_folder, load_image
+from .image_decode import reason, show_path, stat_regular
+from .images import (
+    IMAGE_EXTENSIONS,
+    ImageFailure,
+    MaxPixels,
+    discover,
+    image_folder,
+    load_image,
+    resolve_max_pixels,
+)
 
 __all__ = [
     "InputList",
@@ -43,11 +54,14 @@ class InputList:
         paths: image paths as strings, as given or found (not resolved), in input order.
         labels: integer label per path (index into `classes`), or None without labels.
         classes: class names (ImageFolder subfolders, sorted), or None.
+        failures: folders and entries skipped while searching the inputs (unreadable, a
+            symbolic link loop), each with its reason; they are no rows.
     """
 
     paths: tuple[str, ...]
     labels: tuple[int, ...] | None = None
     classes: tuple[str, ...] | None = None
+    failures: tuple[ImageFailure, ...] = ()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -55,10 +69,24 @@ class InputList:
 
 def _is_image_folder(folder: Path) -> bool:
     """ImageFolder layout: class subfolders and no images directly in the folder."""
-    entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
-    has_dirs = any(e.is_dir() for e in entries)
-    has_images = any(e.is_file() and e.suffix.lower() in IMAGE_EXTENSIONS for e in entries)
+    try:
+        with os.scandir(folder) as scan:
+            entries = [e for e in scan if not e.name.startswith(".")]
+    except OSError:
+        return False  # `discover` then says why the folder cannot be searched
+    has_dirs = any(_test(e.is_dir) for e in entries)
+    has_images = any(
+        Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and _test(e.is_file) for e in entries
+    )
     return has_dirs and not has_images
+
+
+def _test(check: Callable[[], bool]) -> bool:
+    """`DirEntry.is_dir`/`is_file`, False where the link cannot be followed (a loop)."""
+    try:
+        return check()
+    except OSError:
+        return False
 
 
 def read_path_list(path: str | os.PathLike[str]) -> list[str]:
@@ -67,14 +95,19 @@ def read_path_list(path: str | os.PathLike[str]) -> list[str]:
     Files are not checked here: a missing one becomes a failure when it is loaded.
 
     Raises:
-        ImageError: the list cannot be read or lists nothing.
+        ImageError: the list is not a readable regular file (a FIFO would block forever), is
+            not UTF-8, or lists nothing.
     """
     path = Path(os.path.expanduser(os.fspath(path)))
+    stat_regular(path, "cannot read the path list")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ImageError(f"cannot read the path list {path}: {reason}", "check the file") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ImageError(
+            f"cannot read the path list {show_path(path)}: {' '.join(why.split())}",
+            "check the file",
+        ) from None
     base = path.parent
     out: list[str] = []
     for line in text.splitlines():
@@ -84,7 +117,9 @@ def read_path_list(path: str | os.PathLike[str]) -> list[str]:
         item = Path(os.path.expanduser(line))
         out.append(str(item if item.is_absolute() else base / item))
     if not out:
-        raise ImageError(f"the path list {path} lists no paths", "put one image path per line")
+        raise ImageError(
+            f"the path list {show_path(path)} lists no paths", "put one image path per line"
+        )
     return out
 
 
@@ -96,7 +131,8 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike[str]]) -> InputList:
     - a `.txt` file: the paths it lists (see `read_path_list`), in its order;
     - anything else (files, plain folders searched recursively, globs): `images.discover`.
 
-    Several inputs are concatenated in the order given (without labels).
+    Several inputs are concatenated in the order given (without labels). Folders skipped
+    while searching (unreadable, a link loop) are the result's `failures`.
 
     Raises:
         ImageError: nothing given, a missing input, or a folder/pattern without images.
@@ -108,16 +144,21 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike[str]]) -> InputList:
         if only.is_dir() and _is_image_folder(only):
             found = image_folder(only)
             return InputList(
-                tuple(str(p) for p in found.paths), tuple(found.labels), tuple(found.classes)
+                tuple(str(p) for p in found.paths), tuple(found.labels), tuple(found.classes),
+                tuple(found.failures),
             )
     paths: list[str] = []
+    failures: list[ImageFailure] = []
     for raw in inputs:
         item = Path(os.path.expanduser(os.fspath(raw)))
         if item.suffix.lower() == ".txt" and item.is_file():
             paths.extend(read_path_list(item))
         else:
-            paths.extend(str(p) for p in discover([raw]))
-    return InputList(tuple(paths))
+            found = discover([raw])
+            paths.extend(str(p) for p in found)
+            failures.extend(found.failures)
+    failures = list(dict.fromkeys(failures))  # one bad folder reached by two inputs, once
+    return InputList(tuple(paths), failures=tuple(failures))
 
 
 @dataclass(frozen=True)
@@ -171,7 +212,15 @@ class ImageDataset(Dataset):
         paths: image paths in input order.
         preprocess: PIL RGB image -> `(3, H, W)` float tensor (a model's `preprocess`).
         labels: one integer label per path, or None.
-        max_pixels: refuse larger images (decompression bombs); None removes the limit.
+        max_pixels: refuse larger images (decompression bombs); None removes the limit;
+            "default" is `FGSCOPE_MAX_PIXELS` or Pillow's limit (see `fgscope.images`).
+
+    An image whose resize step would exceed `images.MAX_RESIZED_PIXELS` is a failure naming
+    it, not a run-wide out-of-memory: the target is `preprocess.resize_size` when the
+    preprocess has one (a `Preprocess` resizes its shorter side to it before the crop).
+
+    Raises:
+        ConfigError: a bad `max_pixels` or `FGSCOPE_MAX_PIXELS` (here, not in a worker).
     """
 
     def __init__(
@@ -179,14 +228,18 @@ class ImageDataset(Dataset):
         paths: Sequence[str | os.PathLike[str]],
         preprocess: Callable[[Image.Image], torch.Tensor],
         labels: Sequence[int] | None = None,
-        max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
+        max_pixels: MaxPixels = "default",
     ) -> None:
         if labels is not None and len(labels) != len(paths):
             raise ValueError(f"{len(labels)} labels for {len(paths)} paths")
+        resolve_max_pixels(max_pixels)  # validated once; each load reads it again (cheap)
         self.paths = [str(p) for p in paths]
         self.preprocess = preprocess
         self.labels = list(labels) if labels is not None else None
         self.max_pixels = max_pixels
+        # Duck-typed so that any job's preprocess gets the check without passing it along.
+        resize = getattr(preprocess, "resize_size", None)
+        self.resize_size: int | None = resize if isinstance(resize, int) else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -195,14 +248,14 @@ class ImageDataset(Dataset):
         label = self.labels[index] if self.labels is not None else -1
         path = self.paths[index]
         try:
-            image = load_image(path, max_pixels=self.max_pixels)
+            image = load_image(path, max_pixels=self.max_pixels, resize_size=self.resize_size)
         except ImageError as exc:
-            return Sample(index, None, label, str(exc))
+            return Sample(index, None, label, reason(exc))
         try:
             tensor = self.preprocess(image)
         except (ValueError, RuntimeError, OSError) as exc:  # e.g. a degenerate size
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            return Sample(index, None, label, f"cannot preprocess image {path}: {reason}")
+            why = " ".join(str(exc).split()) or type(exc).__name__
+            return Sample(index, None, label, f"cannot preprocess image {show_path(path)}: {why}")
         return Sample(index, tensor, label)
 
 
@@ -221,7 +274,9 @@ def collate(samples: Sequence[Sample]) -> Batch:
         indices=torch.tensor([s.index for s in ok], dtype=torch.int64),
         images=torch.stack([s.image for s in ok]) if ok else None,  # (B, 3, H, W)
         labels=torch.tensor([s.label for s in ok], dtype=torch.int64),
-        failures=tuple((s.index, s.failure or "unknown failure") for s in samples if s.image is None),
+        failures=tuple(
+            (s.index, s.failure or "unknown failure") for s in samples if s.image is None
+        ),
     )
 
 

@@ -1,47 +1,69 @@
 """Find image files and decode any of them to an RGB `PIL.Image.Image`, robustly.
 
-This is the first stage of the data flow. `discover` turns what the user typed (files,
-folders, glob patterns) into a list of paths; `load_image` decodes one path to RGB, applying
-EXIF orientation and refusing decompression bombs; `load_images` and `iter_images` load many,
-turning each bad file into an `ImageFailure` instead of stopping. Every problem a user can
-cause is an `ImageError` whose message is one line naming the file and saying what to do.
+The first stage of the data flow. `discover` turns what the user typed (files, folders, glob
+patterns) into paths, `image_folder` reads an ImageFolder layout; `load_image` decodes one
+path to RGB (EXIF orientation applied); `load_images` and `iter_images` load many, each bad
+file an `ImageFailure` instead of a stop. Every problem a user can cause is an `ImageError`
+whose one-line message names the file (exactly: `image_decode.show_path`) and what to do.
+Folders are searched by `image_walk.Walker`: links followed once, never into a loop, and
+unreadable folders listed in the `failures` of what `discover` and `image_folder` return.
+Only regular files are ever opened (a FIFO named `x.jpg` would block forever).
+
+Limits (each refusal names the file and the way to lift it):
+
+- `max_pixels`: images with more pixels are refused as decompression bombs before decoding.
+  Its default, `"default"`, is the environment variable `FGSCOPE_MAX_PIXELS` when set (a
+  positive whole number of pixels, `_` or `,` allowed as separators, or `none` for no limit),
+  else Pillow's limit of 89,478,485 pixels. It is read at each call, so it reaches every
+  command and the decoding worker processes.
+- `resize_size`: when given (a model's `Preprocess.resize_size`), images whose shorter side
+  resized to it would exceed `MAX_RESIZED_PIXELS` (64 Mpx) are refused, e.g. a 40000x1 strip.
 
 torch is deliberately not imported here: the CLI imports this module at start-up.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
-import io
+import numbers
 import os
-import re
-import struct
-import threading
-import warnings
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Union
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from fgscope.errors import ConfigError, ImageError
+from fgscope.image_decode import (
+    MAX_RESIZED_PIXELS,
+    ImageFailure,
+    decode,
+    os_error,
+    read_regular,
+    reason,
+    show_path,
+    stat_regular,
+)
+from fgscope.image_walk import GLOB_CHARS, Walker, files_under, glob_files, real_chain
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_PIXELS_ENV",
+    "MAX_RESIZED_PIXELS",
+    "Discovered",
     "LabelledPaths",
     "image_folder",
     "ImageFailure",
     "LoadedImage",
+    "MaxPixels",
     "default_image",
     "discover",
     "iter_images",
     "load_image",
     "load_images",
     "load_inputs",
+    "resolve_max_pixels",
     "sha256_file",
 ]
 
@@ -49,27 +71,18 @@ __all__ = [
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     ".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm".split()
 )
+MAX_PIXELS_ENV = "FGSCOPE_MAX_PIXELS"
+# Pillow's own default, taken before anything here changes its global for a decode.
+_PILLOW_MAX_PIXELS: int | None = Image.MAX_IMAGE_PIXELS
+MaxPixels = Union[int, None, Literal["default"]]  # noqa: UP007 (a runtime alias on 3.10)
 
-_GLOB_CHARS = re.compile(r"[*?\[]")
-# What Pillow raises on corrupt or truncated data besides OSError (its plugins are not uniform).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
-# Pillow reads its pixel limit from a module global; changing it briefly is serialised.
-_LIMIT_LOCK = threading.Lock()
 _CHUNK = 1 << 20
 _EXTENSION_LIST = ", ".join(sorted(IMAGE_EXTENSIONS))
-
-
-@dataclass(frozen=True)
-class ImageFailure:
-    """An input that could not be loaded.
-
-    Attributes:
-        path: the path as given.
-        reason: the one-line `ImageError` message.
-    """
-
-    path: Path
-    reason: str
+_ENV_HINT = (
+    f"if you trust the file, set the environment variable {MAX_PIXELS_ENV} to a larger number "
+    "of pixels, or to none to remove the limit"
+)
+_ARG_HINT = "if you trust the file, pass a larger max_pixels, or None to remove the limit"
 
 
 @dataclass(frozen=True)
@@ -89,42 +102,13 @@ class LoadedImage:
     sha256: str
 
 
-def discover(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Expand files, folders and glob patterns into a de-duplicated list of image paths.
+class Discovered(list[Path]):
+    """What `discover` found: the image paths (it is a plain list of them), plus `failures`,
+    the folders and entries that were skipped while searching (unreadable, a link loop)."""
 
-    A file named explicitly is kept whatever its extension (decoding reports non-images). A
-    folder is searched recursively for files with an image extension (case-insensitive),
-    skipping hidden files and folders, its content sorted. A pattern (`*`, `?`, `[`, `**`) is
-    expanded with `glob(recursive=True)`; matched folders are searched like folders and matched
-    files kept if they have an image extension. Order follows `inputs`; repeats are dropped.
-
-    Raises:
-        ImageError: an input does not exist, a pattern matches no image, or a folder holds none.
-    """
-    found: list[Path] = []
-    seen: set[Path] = set()
-    for raw in inputs:
-        text = os.path.expanduser(os.fspath(raw))
-        path = Path(text)
-        if path.is_dir():
-            paths = _walk(path)
-            if not paths:
-                raise ImageError(
-                    f"folder {path} contains no files ending in {_EXTENSION_LIST}",
-                    "check the folder, or pass the files explicitly",
-                )
-        elif path.exists():
-            paths = [path]
-        elif _GLOB_CHARS.search(text):
-            paths = _expand_glob(text)
-        else:
-            raise ImageError(f"no such file or folder: {path}", "check the path")
-        for item in paths:
-            key = item.resolve()
-            if key not in seen:
-                seen.add(key)
-                found.append(item)
-    return found
+    def __init__(self, paths: Iterable[Path] = (), failures: Iterable[ImageFailure] = ()):
+        super().__init__(paths)
+        self.failures: list[ImageFailure] = list(failures)
 
 
 @dataclass(frozen=True)
@@ -134,12 +118,113 @@ class LabelledPaths:
     Attributes:
         paths: image files, class by class (classes sorted by name), each class's files sorted.
         labels: integer label per path (index into `classes`).
-        classes: class names (the subfolder names), sorted.
+        classes: class names (the subfolder names), sorted; a class whose folder could not be
+            searched at all is left out (and listed in `failures`).
+        failures: folders and entries skipped while searching, each with its reason.
     """
 
     paths: list[Path]
     labels: list[int]
     classes: list[str]
+    failures: list[ImageFailure] = field(default_factory=list)
+
+
+def resolve_max_pixels(max_pixels: MaxPixels = "default") -> int | None:
+    """The pixel limit `max_pixels` stands for (see the module docstring).
+
+    Raises:
+        ConfigError: not a positive integer, None or "default", or a malformed
+            `FGSCOPE_MAX_PIXELS`.
+    """
+    return _limit(max_pixels)[0]
+
+
+def _limit(max_pixels: MaxPixels) -> tuple[int | None, str]:
+    """(the limit, how to raise it): the hint must name a knob the caller really has."""
+    if isinstance(max_pixels, str) and max_pixels == "default":
+        value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not value:
+            return _PILLOW_MAX_PIXELS, _ENV_HINT
+        if value.lower() == "none":
+            return None, _ENV_HINT
+        digits = value.replace(",", "").replace("_", "")
+        pixels = int(digits) if digits.isdigit() else 0
+        if pixels < 1:
+            raise ConfigError(
+                f"the environment variable {MAX_PIXELS_ENV} must be a positive whole number of "
+                f"pixels or none, got {value!r}",
+                "fix or unset it",
+            )
+        return pixels, _ENV_HINT
+    integral = isinstance(max_pixels, numbers.Integral) and not isinstance(max_pixels, bool)
+    if max_pixels is not None and (not integral or max_pixels < 1):
+        raise ConfigError(
+            f"max_pixels must be a positive integer, None or 'default', got {max_pixels!r}"
+        )
+    return (int(max_pixels) if max_pixels is not None else None), _ARG_HINT
+
+
+def discover(inputs: Sequence[str | os.PathLike[str]]) -> Discovered:
+    """Expand files, folders and glob patterns into a de-duplicated list of image paths.
+
+    A file named explicitly is kept whatever its extension (decoding reports non-images, and
+    refuses FIFOs and devices without opening them). A folder is searched recursively for
+    files with an image extension (case-insensitive), skipping hidden files and folders, its
+    content sorted; links to folders are followed once, never into a loop. A pattern (`*`,
+    `?`, `[`, `**`) is expanded like `glob(recursive=True)`; matched folders are searched like
+    folders and matched files kept if they have an image extension. Order follows `inputs`;
+    repeats are dropped. Folders that could not be searched are in the result's `failures`.
+
+    Raises:
+        ImageError: an input does not exist (or is a broken link), a pattern matches no image,
+            or a folder holds none (or cannot be read).
+    """
+    found = Discovered()
+    seen: set[str] = set()
+    for raw in inputs:
+        text = os.path.expanduser(os.fspath(raw))
+        path = Path(text)
+        before = len(found.failures)
+        if path.is_dir():
+            paths = files_under(path, IMAGE_EXTENSIONS, found.failures)
+            if not paths:
+                raise _nothing_found(f"folder {show_path(path)}", found.failures[before:])
+        elif path.exists():
+            paths = [path]
+        elif os.path.lexists(path):  # a link that leads nowhere: says broken or a loop
+            stat_regular(path, "cannot use input")
+            paths = [path]  # its target appeared meanwhile
+        elif GLOB_CHARS.search(text):
+            paths = glob_files(text, IMAGE_EXTENSIONS, found.failures)
+            if not paths:
+                raise _nothing_found(
+                    f"pattern {show_path(text)}", found.failures[before:],
+                    "check the pattern; quote it so the shell does not expand it",
+                )
+        else:
+            raise ImageError(f"no such file or folder: {show_path(path)}", "check the path")
+        for item in paths:
+            key = os.path.realpath(item)  # unlike Path.resolve, never raises on a link loop
+            if key not in seen:
+                seen.add(key)
+                found.append(item)
+    unique = {(f.path, f.reason): f for f in found.failures}  # two patterns, one bad folder
+    found.failures = list(unique.values())
+    return found
+
+
+def _nothing_found(
+    what: str,
+    failures: Sequence[ImageFailure],
+    hint: str = "check the folder, or pass the files explicitly",
+) -> ImageError:
+    """The error for a folder or pattern without images, saying why when folders failed."""
+    if failures:
+        more = len(failures) - 1
+        tail = f"; {more} more folder(s) could not be searched" if more else ""
+        return ImageError(f"{what} gave no image: {failures[0].reason}{tail}")
+    matches = "matches no" if what.startswith("pattern") else "contains no"
+    return ImageError(f"{what} {matches} files ending in {_EXTENSION_LIST}", hint)
 
 
 def image_folder(root: str | os.PathLike[str]) -> LabelledPaths:
@@ -147,83 +232,128 @@ def image_folder(root: str | os.PathLike[str]) -> LabelledPaths:
     images (recursive) get its index in the sorted class list, as torchvision's
     `ImageFolder` does.
 
+    A subfolder that links back to `root` (or above) is a loop, not a class; a class folder
+    that cannot be searched is left out; both are listed in the result's `failures`, as are
+    unreadable folders inside classes.
+
     Raises:
-        ImageError: `root` is not a folder, has no class subfolders, or a class has no images.
+        ImageError: `root` is not a readable folder, has no class subfolders, or a class has
+            no images (and no unreadable folder explains it).
     """
     root = Path(os.path.expanduser(os.fspath(root)))
     if not root.is_dir():
-        raise ImageError(f"{root} is not a folder", "pass a folder with one subfolder per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
         raise ImageError(
-            f"{root} has no class subfolders",
+            f"{show_path(root)} is not a folder", "pass a folder with one subfolder per class"
+        )
+    failures: list[ImageFailure] = []
+    stop = real_chain(root)  # a link to the root or above would search the data set in a class
+    subfolders = Walker(failures, stop).subfolders(root)
+    if subfolders is None:
+        raise ImageError(failures[0].reason)
+    if not subfolders:
+        if failures:
+            raise ImageError(f"{show_path(root)} has no usable class folder: {failures[0].reason}")
+        raise ImageError(
+            f"{show_path(root)} has no class subfolders",
             "expected ImageFolder layout: ROOT/<class>/<image>",
         )
     paths: list[Path] = []
     labels: list[int] = []
-    for i, name in enumerate(classes):
-        found = _walk(root / name)
-        if not found:
+    classes: list[str] = []
+    for folder in subfolders:
+        before = len(failures)
+        found = files_under(folder, IMAGE_EXTENSIONS, failures, stop)
+        if not found and len(failures) == before:
             raise ImageError(
-                f"class folder {root / name} contains no files ending in {_EXTENSION_LIST}",
+                f"class folder {show_path(folder)} contains no files ending in {_EXTENSION_LIST}",
                 "remove it or add images",
             )
+        if not found:  # its folders could not be searched: listed, the others still run
+            if all(f.path != folder for f in failures[before:]):
+                failures.append(ImageFailure(folder, (
+                    f"skipped class folder {show_path(folder)}: none of its images could be "
+                    "reached (its unreadable folders are listed)"
+                )))
+            continue
         paths.extend(found)
-        labels.extend([i] * len(found))
-    return LabelledPaths(paths, labels, classes)
+        labels.extend([len(classes)] * len(found))
+        classes.append(folder.name)
+    if not classes:
+        raise ImageError(f"{show_path(root)} has no usable class folder: {failures[0].reason}")
+    return LabelledPaths(paths, labels, classes, failures)
 
 
 def load_image(
-    path: str | os.PathLike[str], *, max_pixels: int | None = Image.MAX_IMAGE_PIXELS
+    path: str | os.PathLike[str],
+    *,
+    max_pixels: MaxPixels = "default",
+    resize_size: int | None = None,
 ) -> Image.Image:
     """Decode the first frame of an image file to an RGB image, EXIF orientation applied.
 
     Grey images of more than 8 bits are scaled by their bit depth, float images min-max
-    scaled, transparent ones composited on white (see `_to_rgb`).
+    scaled, transparent ones composited on white.
 
     Args:
-        path: the image file.
-        max_pixels: refuse images with more pixels than this (decompression bombs); the
-            default is Pillow's limit, None removes the limit.
+        path: the image file (a regular file: FIFOs and devices are refused unopened).
+        max_pixels: refuse images with more pixels than this (decompression bombs); None
+            removes the limit; "default" reads `FGSCOPE_MAX_PIXELS` (module docstring).
+        resize_size: the shorter side the caller resizes to (`Preprocess.resize_size`), to
+            refuse images that would exceed `MAX_RESIZED_PIXELS` after it; None: no check.
 
     Raises:
-        ImageError: missing, unreadable, empty, corrupt, truncated, not an image, or too large.
+        ImageError: missing, unreadable, not a regular file, empty, corrupt, truncated, not an
+            image, too large, or too long for the resize.
+        ConfigError: a bad `max_pixels` or `FGSCOPE_MAX_PIXELS`.
     """
+    limit, hint = _limit(max_pixels)
     path = Path(path)
-    return _decode(_read_bytes(path), path, max_pixels)
+    return decode(read_regular(path), path, limit, hint, resize_size)
 
 
 def iter_images(
-    paths: Iterable[str | os.PathLike[str]], *, max_pixels: int | None = Image.MAX_IMAGE_PIXELS
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    max_pixels: MaxPixels = "default",
+    resize_size: int | None = None,
 ) -> Iterator[LoadedImage | ImageFailure]:
-    """Load images one at a time, yielding an `ImageFailure` for each file that fails."""
+    """Load images one at a time (as `load_image`), yielding an `ImageFailure` for each file
+    that fails."""
+    limit, hint = _limit(max_pixels)  # a bad limit stops the run: it is no image's fault
     for raw in paths:
         path = Path(raw)
         try:
-            data = _read_bytes(path)
-            image = _decode(data, path, max_pixels)
+            data = read_regular(path)
+            image = decode(data, path, limit, hint, resize_size)
         except ImageError as exc:
-            yield ImageFailure(path, str(exc))
+            yield ImageFailure(path, reason(exc))
             continue
         yield LoadedImage(path, image, image.size, hashlib.sha256(data).hexdigest())
 
 
 def load_images(
-    paths: Iterable[str | os.PathLike[str]], *, max_pixels: int | None = Image.MAX_IMAGE_PIXELS
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    max_pixels: MaxPixels = "default",
+    resize_size: int | None = None,
 ) -> tuple[list[LoadedImage], list[ImageFailure]]:
     """Load every path; bad files become failures and the rest still load, in order."""
     loaded: list[LoadedImage] = []
     failures: list[ImageFailure] = []
-    for item in iter_images(paths, max_pixels=max_pixels):
+    for item in iter_images(paths, max_pixels=max_pixels, resize_size=resize_size):
         (loaded if isinstance(item, LoadedImage) else failures).append(item)
     return loaded, failures
 
 
 def load_inputs(
     images: Sequence[str | os.PathLike[str] | Image.Image],
+    *,
+    max_pixels: MaxPixels = "default",
+    resize_size: int | None = None,
 ) -> tuple[list[LoadedImage], list[ImageFailure]]:
     """PIL images as given (named `<image i>`), or files, folders and globs discovered and
-    loaded, each bad file an `ImageFailure`.
+    loaded (as `load_images`); the failures are the folders `discover` skipped, then the
+    files that did not load.
 
     Raises:
         ImageError: PIL images mixed with paths, or an input path that does not exist.
@@ -236,23 +366,26 @@ def load_inputs(
             LoadedImage(path=Path(f"<image {i}>"), image=im.convert("RGB"), size=im.size, sha256="")
             for i, im in enumerate(pil)
         ], []
-    return load_images(discover([os.fspath(p) for p in images]))
+    found = discover([os.fspath(p) for p in images])  # type: ignore[arg-type]
+    loaded, failures = load_images(found, max_pixels=max_pixels, resize_size=resize_size)
+    return loaded, [*found.failures, *failures]
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 digest of a file, read in 1 MiB chunks.
+    """Hex SHA-256 digest of a regular file, read in 1 MiB chunks.
 
     Raises:
-        ImageError: the file is missing or unreadable.
+        ImageError: the file is missing, unreadable or not a regular file.
     """
     path = Path(path)
+    stat_regular(path)  # a FIFO would block the read forever
     digest = hashlib.sha256()
     try:
         with path.open("rb") as file:
             while chunk := file.read(_CHUNK):
                 digest.update(chunk)
     except OSError as exc:
-        raise _os_error(path, exc) from exc
+        raise os_error(path, exc) from exc
     return digest.hexdigest()
 
 
@@ -269,146 +402,3 @@ def default_image() -> Path:
     if not path.is_file():
         raise ImageError(f"matplotlib's sample image is missing: {path}", "pass an image path")
     return path
-
-
-def _walk(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, hidden entries skipped, sorted by path parts."""
-    paths = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        paths.extend(
-            Path(root, name)
-            for name in files
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
-        )
-    return sorted(paths, key=lambda p: p.relative_to(folder).parts)
-
-
-def _expand_glob(pattern: str) -> list[Path]:
-    """Image files matched by `pattern` (matched folders are searched); an error if none."""
-    paths: list[Path] = []
-    for match in sorted(glob.glob(pattern, recursive=True)):
-        path = Path(match)
-        if path.is_dir():
-            paths.extend(_walk(path))
-        elif path.suffix.lower() in IMAGE_EXTENSIONS:
-            paths.append(path)
-    if not paths:
-        raise ImageError(
-            f"pattern {pattern} matches no files ending in {_EXTENSION_LIST}",
-            "check the pattern; quote it so the shell does not expand it",
-        )
-    return paths
-
-
-def _read_bytes(path: Path) -> bytes:
-    """All bytes of `path`, read once so that the hash and the decode see the same data."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _os_error(path, exc) from exc
-    if not data:
-        raise ImageError(f"cannot load image {path}: the file is empty", "re-export the image")
-    return data
-
-
-def _os_error(path: Path, exc: OSError) -> ImageError:
-    if isinstance(exc, FileNotFoundError):
-        return ImageError(f"cannot load image {path}: no such file", "check the path")
-    if isinstance(exc, IsADirectoryError) or path.is_dir():
-        return ImageError(
-            f"cannot load image {path}: it is a folder, not a file",
-            "pass the folder as an input to search it for images",
-        )
-    if isinstance(exc, PermissionError):
-        return ImageError(f"cannot load image {path}: permission denied", "check its permissions")
-    return ImageError(f"cannot load image {path}: {exc.strerror or exc}", "check the path")
-
-
-@contextlib.contextmanager
-def _pixel_limit(max_pixels: int | None) -> Iterator[None]:
-    """Apply `max_pixels` to Pillow for one decode, restoring its global limit afterwards.
-
-    Pillow only warns between 1x and 2x its limit (and raises above); both are refused here.
-    """
-    if max_pixels is not None and (isinstance(max_pixels, bool) or max_pixels < 1):
-        raise ConfigError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
-    with _LIMIT_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-
-
-def _decode(data: bytes, path: Path, max_pixels: int | None) -> Image.Image:
-    try:
-        with _pixel_limit(max_pixels), Image.open(io.BytesIO(data)) as img:
-            img.load()  # first frame; decoding here surfaces truncation and corruption
-            return _to_rgb(ImageOps.exif_transpose(img), path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f" ({int(found.group(1)):,} pixels)" if found else ""
-        raise ImageError(
-            f"cannot load image {path}: it is larger{size} than the limit of {max_pixels:,} pixels",
-            "if you trust the file, raise max_pixels or set it to None",
-        ) from exc
-    except UnidentifiedImageError as exc:
-        raise ImageError(
-            f"cannot load image {path}: not a recognised image format, or cut short",
-            "check that it is an image, or re-export it as PNG or JPEG",
-        ) from exc
-    except _DECODE_ERRORS as exc:
-        raise ImageError(
-            f"cannot load image {path}: corrupt or truncated data: {exc}",
-            "re-export the image",
-        ) from exc
-
-
-def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB.
-
-    Transparent pixels are composited on white: a plain `convert("RGB")` drops alpha and
-    exposes whatever colour the pixel stores, usually black, which would turn a logo's
-    background into a black field the network then "sees".
-    """
-    mode = img.mode
-    if mode.startswith("I") or mode == "F":
-        grey = _grey_to_uint8(np.asarray(img), mode)
-        return Image.fromarray(grey).convert("RGB")  # (H, W) uint8 -> L -> RGB
-    if mode == "La":  # premultiplied alpha: Pillow converts it only to LA
-        img, mode = img.convert("LA"), "LA"
-    if mode in {"RGBA", "LA", "PA", "RGBa"} or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    try:
-        return img.convert("RGB")
-    except ValueError as exc:
-        raise ImageError(
-            f"cannot load image {path}: colour mode {mode} cannot be converted to RGB",
-            "re-export the image as RGB",
-        ) from exc
-
-
-def _grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
-    """(H, W) int or float grey -> (H, W) uint8.
-
-    `I;16*` is 16-bit (65535 -> 255, via /257). `I` is a 32-bit container whose real depth
-    Pillow does not record, so it is inferred: values in 0..255 are kept, 0..65535 scaled as
-    16-bit, anything wider min-max scaled, as is `F` (non-finite values count as the minimum).
-    """
-    values = values.astype(np.float64)
-    finite = np.isfinite(values)
-    lo = float(values[finite].min()) if finite.any() else 0.0
-    hi = float(values[finite].max()) if finite.any() else 0.0
-    values = np.where(finite, values, lo)
-    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi > 255 and hi <= 65535):
-        scaled = values / 257.0
-    elif mode == "I" and lo >= 0 and hi <= 255:
-        scaled = values
-    else:
-        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -530,3 +531,270 @@ def test_image_folder_layout(tmp_path):
         image_folder(tmp_path)
     with pytest.raises(ImageError):
         image_folder(tmp_path / "nope")
+
+
+# --- hostile inputs: links, loops, permissions, FIFOs, long strips, limits ----------------
+
+
+def _png(path: Path, size: tuple[int, int] = (4, 4)) -> Path:
+    return _save(Image.new("RGB", size, (9, 9, 9)), path)
+
+
+def _deny_scandir(monkeypatch: pytest.MonkeyPatch, *locked: Path) -> None:
+    """Make `os.scandir` fail with EACCES on `locked` folders (root ignores chmod)."""
+    real, denied = os.scandir, {os.path.realpath(p) for p in locked}
+
+    def scandir(path: object = ".") -> object:
+        if isinstance(path, (str, os.PathLike)) and os.path.realpath(path) in denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.mark.timeout(20)
+def test_symlink_loops_in_a_folder_are_listed_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    good = _png(root / "a.png")
+    (root / "self.jpg").symlink_to("self.jpg")  # a file-named link loop: ELOOP on stat
+    (root / "here").symlink_to(".")
+    (root / "sub").mkdir()
+    (root / "sub" / "up").symlink_to("..")
+    found = discover([root])
+    assert list(found) == [good, root / "self.jpg"]
+    assert sorted(f.path.name for f in found.failures) == ["here", "up"]
+    for failure in found.failures:
+        assert "symbolic link loop" in failure.reason and str(failure.path) in failure.reason
+    loaded, failures = load_images(found)
+    assert [x.path for x in loaded] == [good]
+    assert "symbolic link loop" in failures[0].reason and "self.jpg" in failures[0].reason
+
+
+@pytest.mark.timeout(20)
+def test_glob_double_star_does_not_explode_on_link_loops(tmp_path: Path) -> None:
+    good = _png(tmp_path / "g" / "x.png")
+    (tmp_path / "g" / "l1").symlink_to(".")
+    (tmp_path / "g" / "l2").symlink_to(".")  # glob.glob enumerates 2**40 paths here
+    found = discover([f"{tmp_path}/g/**/*.png"])
+    assert list(found) == [good]
+    assert {f.path.name for f in found.failures} == {"l1", "l2"}
+    deep = discover([f"{tmp_path}/g/" + "*/" * 30 + "*.png"])  # each level one directory
+    assert len(deep) == 1 and os.path.samefile(deep[0], good)
+
+
+def test_link_to_a_folder_outside_is_searched_once(tmp_path: Path) -> None:
+    outside = _png(tmp_path / "outside" / "o.png")
+    root = tmp_path / "imgs"
+    _png(root / "a.png")
+    (root / "link1").symlink_to(outside.parent)
+    (root / "link2").symlink_to(outside.parent)
+    found = discover([root])
+    assert _rel(list(found), root) == ["a.png", "link1/o.png"] and found.failures == []
+
+
+def test_explicit_broken_link_and_link_loop(tmp_path: Path) -> None:
+    (tmp_path / "broken.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    with pytest.raises(ImageError, match="broken symbolic link") as exc:
+        discover([tmp_path / "broken.png"])
+    _assert_one_line_error(exc, tmp_path / "broken.png")
+    with pytest.raises(ImageError, match="symbolic link loop"):
+        discover([tmp_path / "loop.png"])
+    with pytest.raises(ImageError, match="broken symbolic link"):
+        load_image(tmp_path / "broken.png")
+
+
+@pytest.mark.timeout(20)
+def test_image_folder_link_loops_are_not_classes(tmp_path: Path) -> None:
+    from fgscope.images import image_folder
+
+    root = tmp_path / "data"
+    cat = _png(root / "cat" / "1.png")
+    dog = _png(root / "dog" / "1.png")
+    (root / "loop").symlink_to(".")
+    (root / "parent").symlink_to("..")
+    (root / "cat" / "back").symlink_to("..")  # would put the dogs in the cat class
+    outside = _png(tmp_path / "elsewhere" / "fox.png")
+    (root / "fox").symlink_to(outside.parent)  # a class elsewhere is fine
+    ds = image_folder(root)
+    assert ds.classes == ["cat", "dog", "fox"]
+    assert ds.paths == [cat, dog, root / "fox" / "fox.png"] and ds.labels == [0, 1, 2]
+    assert sorted(str(f.path.relative_to(root)) for f in ds.failures) == [
+        "cat/back", "loop", "parent",
+    ]
+    assert all("symbolic link loop" in f.reason for f in ds.failures)
+
+
+def test_unreadable_folders_are_listed_monkeypatched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fgscope.images import image_folder
+
+    root = tmp_path / "data"
+    ok = _png(root / "cat" / "1.png")
+    _png(root / "cat" / "locked" / "2.png")
+    _png(root / "dog" / "3.png")
+    _deny_scandir(monkeypatch, root / "cat" / "locked", root / "dog")
+    found = discover([root])
+    assert list(found) == [ok]
+    assert [(f.path, "permission denied" in f.reason) for f in found.failures] == [
+        (root / "cat" / "locked", True), (root / "dog", True),
+    ]
+    ds = image_folder(root)  # the unreadable class is left out and listed
+    assert ds.classes == ["cat"] and ds.paths == [ok]
+    assert {f.path.name for f in ds.failures} == {"locked", "dog"}
+    _png(root / "eel" / "hidden" / "4.png")  # readable class, nothing reachable in it
+    _deny_scandir(monkeypatch, root / "eel" / "hidden")  # on top of the two above
+    ds = image_folder(root)
+    assert ds.classes == ["cat"] and ds.labels == [0]
+    assert [f.path.name for f in ds.failures] == ["locked", "dog", "hidden", "eel"]
+    assert "skipped class folder" in ds.failures[-1].reason
+    _deny_scandir(monkeypatch, root)
+    with pytest.raises(ImageError, match="permission denied") as exc:
+        discover([root])
+    _assert_one_line_error(exc, root)
+    with pytest.raises(ImageError, match="permission denied"):
+        image_folder(root)
+
+
+def test_load_inputs_lists_discovery_failures_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fgscope.images import load_inputs
+
+    good = _png(tmp_path / "imgs" / "a.png")
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"nope")
+    _png(tmp_path / "imgs" / "locked" / "b.png")
+    _deny_scandir(monkeypatch, tmp_path / "imgs" / "locked")
+    loaded, failures = load_inputs([tmp_path / "imgs"])
+    assert [x.path for x in loaded] == [good]
+    assert [f.path.name for f in failures] == ["locked", "bad.png"]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores permissions")
+def test_unreadable_folder_chmod(tmp_path: Path) -> None:
+    ok = _png(tmp_path / "imgs" / "a.png")
+    locked = tmp_path / "imgs" / "locked"
+    _png(locked / "b.png")
+    locked.chmod(0)
+    try:
+        found = discover([tmp_path / "imgs"])
+        assert list(found) == [ok] and [f.path for f in found.failures] == [locked]
+        assert "permission denied" in found.failures[0].reason
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_is_listed_never_opened(tmp_path: Path) -> None:
+    good = _png(tmp_path / "imgs" / "a.png")
+    fifo = tmp_path / "imgs" / "x.jpg"
+    os.mkfifo(fifo)
+    os.mkfifo(tmp_path / "pipe")
+    link = tmp_path / "imgs" / "y.jpg"
+    link.symlink_to(tmp_path / "pipe")  # stat follows the link: refused like a FIFO
+    found = discover([tmp_path / "imgs"])
+    assert list(found) == [good, fifo, link]
+    loaded, failures = load_images(found)
+    assert [x.path for x in loaded] == [good] and [f.path for f in failures] == [fifo, link]
+    assert all("not a regular file" in f.reason and "FIFO" in f.reason for f in failures)
+    assert discover([fifo]) == [fifo]  # given directly: kept, then refused unopened
+    with pytest.raises(ImageError, match="not a regular file") as exc:
+        load_image(fifo)
+    _assert_one_line_error(exc, fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        sha256_file(link)
+
+
+def test_device_is_refused(tmp_path: Path) -> None:
+    if not Path("/dev/zero").exists():
+        pytest.skip("needs /dev/zero")
+    link = tmp_path / "zero.png"
+    link.symlink_to("/dev/zero")  # would read forever
+    with pytest.raises(ImageError, match="character device"):
+        load_image(link)
+
+
+def test_very_long_strip_refused_before_resizing(tmp_path: Path) -> None:
+    from fgscope.images import MAX_RESIZED_PIXELS
+
+    strip = _png(tmp_path / "strip.png", (40000, 1))
+    assert load_image(strip).size == (40000, 1)  # without a resize there is nothing to refuse
+    with pytest.raises(ImageError) as exc:
+        load_image(strip, resize_size=256)
+    message = _assert_one_line_error(exc, strip)
+    assert str(strip) in message and "40000x1" in message and "10,240,000x256" in message
+    assert f"{MAX_RESIZED_PIXELS:,}" in message
+    assert load_image(_png(tmp_path / "ok.png", (1000, 10)), resize_size=256).size == (1000, 10)
+    loaded, failures = load_images([strip], resize_size=256)
+    assert loaded == [] and failures[0].path == strip
+
+
+def test_resized_size_arithmetic() -> None:
+    from fgscope.image_decode import resized_size
+
+    assert resized_size((40000, 1), 256) == (10_240_000, 256)
+    assert resized_size((1, 40000), 256) == (256, 10_240_000)
+    assert resized_size((640, 480), 256) == (341, 256)
+    assert resized_size((300, 300), 224) == (224, 224)
+
+
+def test_max_pixels_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fgscope.images import resolve_max_pixels
+
+    path = _png(tmp_path / "big.png", (100, 100))
+    monkeypatch.setenv("FGSCOPE_MAX_PIXELS", "1_000")
+    assert resolve_max_pixels() == 1000
+    with pytest.raises(ImageError) as exc:
+        load_image(path)
+    message = _assert_one_line_error(exc, path)
+    assert "FGSCOPE_MAX_PIXELS" in message and "1,000 pixels" in message
+    assert load_image(path, max_pixels=None).size == (100, 100)  # an argument wins
+    monkeypatch.setenv("FGSCOPE_MAX_PIXELS", "20,000")
+    assert load_image(path).size == (100, 100)
+    monkeypatch.setenv("FGSCOPE_MAX_PIXELS", "None")
+    assert resolve_max_pixels() is None
+    monkeypatch.delenv("FGSCOPE_MAX_PIXELS")
+    assert resolve_max_pixels() == Image.MAX_IMAGE_PIXELS
+    for bad in ("0", "-5", "lots", "1e9"):
+        monkeypatch.setenv("FGSCOPE_MAX_PIXELS", bad)
+        with pytest.raises(ConfigError, match="FGSCOPE_MAX_PIXELS"):
+            load_image(path)
+
+
+def test_paths_in_messages_are_exact(tmp_path: Path) -> None:
+    spaced = tmp_path / "two  spaces.png"
+    spaced.write_bytes(b"not an image")
+    newline = tmp_path / "new\nline.png"
+    newline.write_bytes(b"")
+    _, failures = load_images([spaced, newline])
+    assert str(spaced) in failures[0].reason  # not folded to one space
+    assert repr(str(newline)) in failures[1].reason and "\n" not in failures[1].reason
+    long = tmp_path / ("d" * 200) / ("n" * 200 + ".png")
+    _, failures = load_images([long])
+    assert str(long) in failures[0].reason  # never shortened
+
+
+def test_nul_byte_in_a_path_is_an_image_error() -> None:
+    loaded, failures = load_images(["a\0b.png"])
+    assert loaded == [] and "NUL byte" in failures[0].reason
+
+
+@pytest.mark.timeout(60)
+def test_deep_tree_does_not_hit_the_recursion_limit(tmp_path: Path) -> None:
+    folders = [str(tmp_path)]
+    try:
+        for _ in range(sys.getrecursionlimit() + 50):  # os.makedirs itself recurses
+            folders.append(os.path.join(folders[-1], "d"))
+            os.mkdir(folders[-1])
+        Image.new("RGB", (2, 2)).save(os.path.join(folders[-1], "x.png"))
+        assert len(discover([tmp_path])) == 1
+    finally:  # removed here: pytest's recursive clean-up would fail on it in a later session
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folders[-1], "x.png"))
+        for folder in reversed(folders[1:]):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(folder)
