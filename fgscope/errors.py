@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "DeviceError",
     "OutputError",
+    "StoreError",
 ]
 
 
@@ -88,5 +89,11 @@ class DeviceError(FgscopeError):
 
 class OutputError(FgscopeError):
     """The output folder cannot be written (exists, no permission, disk full)."""
+
+    exit_code = 8
+
+
+class StoreError(OutputError):
+    """A dump folder is damaged or unreadable (a shard's bytes differ from its index)."""
 
     exit_code = 8

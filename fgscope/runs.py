@@ -12,8 +12,8 @@ import datetime as _dt
 import json
 import os
 import platform
+import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,12 +42,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # Created 0666 & ~umask by the kernel (mkstemp would make it 0600, and reading the
+        # umask means setting it, which races with other threads).
+        fd, tmp = _create_temp(path)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            # mkstemp creates files 0600; give the final file the usual umask-based mode.
-            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         except BaseException:
             with _suppress():
@@ -60,10 +60,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         ) from None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temporary file beside `path`, opened for writing, with the umask's mode."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 class _suppress:

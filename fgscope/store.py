@@ -10,6 +10,8 @@ A dump folder (`fgscope dump ... --out DIR`):
                                              `(rows, *shape)`, rows in input order, plus
                                              `__input_index__` (int64 input index per row)
     parts/PPPPP-of-NNNNN/progress.json       part P's completed shards and failures
+    parts/PPPPP-of-NNNNN/files/SSSSSS.json   what each input file of shard S was (size,
+                                             mtime, ctime, inode, sha256): checked on resume
     parts/PPPPP-of-NNNNN/manifest.json       how part P was run (argv, device, timings)
     index.json                               the union of all parts, written once all are
                                              complete: layers, shards with their row
@@ -22,11 +24,13 @@ final name, and every shard listed in a progress file is complete. Files are not
 (a crash of the process cannot damage them; after a power loss, `fgscope dump-merge --verify`
 checks every shard against the sha256 recorded when it was written). `index.json` holds no
 timestamps: the same data gives the same bytes, whether the run was interrupted or not.
+While a process writes a part it holds a `flock` on `.fgscope-lock-PPPPP-of-NNNNN` (a second
+dump of that part is refused; a killed one's lock is taken over).
 
 Shards are plain safetensors files, byte for byte what `safetensors.torch.save` writes (but
 streamed from the tensors' memory, without a serialised copy), readable with `safetensors`,
 with `torch`, or with numpy alone (docs/dump.md). `open(DIR)` gives a per-layer, lazily
-loaded view across all shards.
+loaded view across all shards; the first read of each shard checks its sha256.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ import torch
 
 # The code lives in three more modules, re-exported here as the public API:
 #   store_format  the records, names and small files (dump.json, inputs.json, progress)
-#   store_writer  writing shards (write_shard) and the background ShardWriter
-#   store_index   the union index (build_index, write_index)
+#   store_writer  writing shards (write_shard) and the background ShardWriter; locks
+#   store_index   a part's resume point and checks (load_part, find_input_change,
+#                 check_shard), the union index (build_index, write_index)
 # Tests that inject faults patch `store_writer._write_chunks`, where it is called.
-from .errors import ConfigError, LayerNotFoundError
+from .errors import ConfigError, LayerNotFoundError, StoreError
 from .store_format import (
     _TORCH_DTYPES,
     DUMP_FILES,
@@ -53,13 +58,15 @@ from .store_format import (
     INPUT_INDEX,
     VERSION,
     Failure,
+    FileFingerprint,
     PartState,
     PendingShard,
     ShardRecord,
     StoredLayer,
     _read_json,
+    file_fingerprint,
+    files_name,
     identity_hash,
-    load_part,
     part_tag,
     read_identity,
     read_inputs,
@@ -70,8 +77,22 @@ from .store_format import (
     write_inputs,
     write_progress,
 )
-from .store_index import build_index, write_index
-from .store_writer import ShardWriter, write_shard
+from .store_index import (
+    InputChange,
+    build_index,
+    check_shard,
+    find_input_change,
+    load_part,
+    write_index,
+)
+from .store_writer import (
+    DumpLock,
+    ShardWriter,
+    folder_lock,
+    other_part_locks,
+    part_lock,
+    write_shard,
+)
 
 __all__ = [
     "FORMAT",
@@ -97,6 +118,16 @@ __all__ = [
     "load_part",
     "write_progress",
     "write_shard",
+    "files_name",
+    "FileFingerprint",
+    "file_fingerprint",
+    "InputChange",
+    "find_input_change",
+    "check_shard",
+    "DumpLock",
+    "part_lock",
+    "folder_lock",
+    "other_part_locks",
     "build_index",
     "write_index",
     "remove_dump",
@@ -204,8 +235,7 @@ class LayerView:
             lo, hi = max(start, s0), min(stop, s1)
             if hi <= lo:
                 continue
-            sl = self._dump._handle(self._dump._shards[k]["file"]).get_slice(self.name)
-            parts.append(sl[lo - s0 : hi - s0])
+            parts.append(self._dump._read(k, self.name, lo - s0, hi - s0))
         if not parts:
             return torch.empty((0, *self.info.shape), dtype=_TORCH_DTYPES[self.info.dtype])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -237,14 +267,19 @@ class Dump:
         classes: class names, or None.
         failures: skipped inputs with their reasons.
         complete: False while parts are missing (only completed shards are visible).
+        verify: check each shard's size and sha256 against the index the first time it is
+            read (once per shard and open Dump).
     """
 
-    def __init__(self, root: Path, index: dict[str, Any], backend: str = "numpy") -> None:
+    def __init__(self, root: Path, index: dict[str, Any], backend: str = "numpy",
+                 verify: bool = True) -> None:
         if backend not in ("numpy", "torch"):
             raise ConfigError(f"backend must be numpy or torch, got {backend!r}")
         self.root = Path(root)
         self.index = index
         self.backend = backend
+        self.verify = verify
+        self._verified: set[str] = set()
         self._infos = {d["name"]: StoredLayer.from_json(d) for d in index["layers"]}
         self._shards = [s for s in index["shards"] if s["rows"][1] > s["rows"][0]]
         self._starts = np.array([s["rows"][0] for s in self._shards], dtype=np.int64)
@@ -289,11 +324,36 @@ class Dump:
         """`(rows,)` position of each row in the input list (`inputs.json`)."""
         return np.asarray(self.index["input_index"], dtype=np.int64)
 
-    def _handle(self, file: str) -> Any:
+    def _damaged(self, file: str, problem: str) -> StoreError:
+        return StoreError(
+            f"shard {file} of the dump {self.root} is damaged ({problem})",
+            hint=f"run `fgscope dump-merge --verify {self.root}` to check every shard",
+        )
+
+    def _read(self, k: int, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows `[lo, hi)` of layer `name` from shard k (checked on its first read)."""
+        from safetensors import SafetensorError
+
+        record = self._shards[k]
+        try:
+            return self._handle(record).get_slice(name)[lo:hi]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            # e.g. a shard replaced while open, or opened with verify=False
+            raise self._damaged(record["file"], " ".join(str(exc).split())) from None
+
+    def _handle(self, record: dict[str, Any]) -> Any:
         from safetensors import safe_open
 
+        file = record["file"]
         h = self._handles.get(file)
         if h is None:
+            if self.verify and file not in self._verified:
+                # A flipped byte would give silently wrong values: hash the whole file once
+                # (about 1 GB/s) the first time this Dump reads it.
+                problem = check_shard(self.root, record)
+                if problem is not None:
+                    raise self._damaged(file, problem)
+                self._verified.add(file)
             h = safe_open(str(self.root / file), framework="pt")
             self._handles[file] = h
             if len(self._handles) > 16:  # bounded open files
@@ -312,7 +372,9 @@ class Dump:
         self.close()
 
 
-def open(path: str | os.PathLike[str], *, backend: str = "numpy") -> Dump:  # noqa: A001
+def open(  # noqa: A001
+    path: str | os.PathLike[str], *, backend: str = "numpy", verify: bool = True
+) -> Dump:
     """Open a dump for reading: `fgscope.store.open(DIR)["features.3"][10:20]`.
 
     Reads `index.json`; a dump whose parts are not all complete yet (no index) is read from
@@ -321,9 +383,12 @@ def open(path: str | os.PathLike[str], *, backend: str = "numpy") -> Dump:  # no
     Args:
         path: the dump folder (or its `index.json`).
         backend: "numpy" (default) or "torch": what indexing a layer returns.
+        verify: check each shard's size and sha256 the first time it is read (default); a
+            damaged shard is a `StoreError` naming it. False skips the hashing.
 
     Raises:
         ConfigError: the folder is not an fgscope dump.
+        StoreError: (when reading rows) a shard is missing, truncated or damaged.
     """
     root = Path(os.path.expanduser(os.fspath(path)))
     if root.name == "index.json" and root.is_file():
@@ -338,4 +403,4 @@ def open(path: str | os.PathLike[str], *, backend: str = "numpy") -> Dump:  # no
         index = build_index([root], require_complete=False)
     elif index.get("format") != FORMAT:
         raise ConfigError(f"{root / 'index.json'} is not an fgscope dump index")
-    return Dump(root, index, backend)
+    return Dump(root, index, backend, verify)

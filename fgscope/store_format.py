@@ -1,8 +1,10 @@
 """The dump format: what each file of a dump folder holds, and the small files around shards.
 
 The records (`StoredLayer`, `Failure`, `ShardRecord`, `PartState`, `PendingShard`), the
-names of parts and shards, and reading/writing `dump.json`, `inputs.json` and each part's
-`progress.json` (the resume point). The layout of a dump folder is described in
+names of parts and shards, reading/writing `dump.json`, `inputs.json`, each part's
+`progress.json` (the resume point) and its per-shard `files/SSSSSS.json` (what each input
+file was when the shard was computed: size, mtime, ctime, inode and sha256, so that a resume
+can tell whether the images changed). The layout of a dump folder is described in
 `fgscope.store`, which re-exports everything here.
 """
 
@@ -12,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat as _stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,7 +45,11 @@ __all__ = [
     "read_inputs",
     "write_inputs",
     "write_progress",
-    "load_part",
+    "FileFingerprint",
+    "CHANGED_WHILE_READ",
+    "file_fingerprint",
+    "same_stat",
+    "files_name",
     "remove_dump",
 ]
 
@@ -216,6 +223,9 @@ class PendingShard:
         tensors: layer name -> `(rows, *shape)` CPU tensor in the storage dtype.
         input_index: `(rows,)` int64 input index of each row.
         failures: skipped inputs within `inputs`.
+        files: one `FileFingerprint` (or None: could not be opened) per input of `inputs`,
+            taken as the input was read; None when not tracked (then a resume cannot check
+            that the files are unchanged).
     """
 
     shard: int
@@ -223,10 +233,51 @@ class PendingShard:
     tensors: Mapping[str, torch.Tensor]
     input_index: torch.Tensor
     failures: tuple[Failure, ...] = ()
+    files: tuple[FileFingerprint | None, ...] | None = None
 
     @property
     def rows(self) -> int:
         return len(self.input_index)
+
+
+# --- input files ---------------------------------------------------------------------------
+
+FileFingerprint = tuple[int, int, int, int, str]
+"""What an input file was when it was read: (size, mtime_ns, ctime_ns, inode, sha256 hex).
+
+The four stat fields are the fast pre-check of a resume (as git's index and rsync do; ctime
+cannot be set from user space, so a copy that keeps the mtime, `cp -p`, still shows); when
+any of them differs, the file is hashed again and only a different sha256 counts as a change.
+"""
+
+CHANGED_WHILE_READ: FileFingerprint = (-1, -1, -1, -1, "")
+"""Recorded for a file that changed between hashing and decoding: never equal to the disk."""
+
+_CHUNK = 1 << 20
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> FileFingerprint | None:
+    """Stat and sha256 of a file, from one open file (None: it cannot be opened or read)."""
+    try:
+        if not _stat.S_ISREG(os.stat(path).st_mode):  # a folder, a FIFO (open would block)
+            return None
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            digest = hashlib.sha256()
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest.hexdigest())
+
+
+def same_stat(fp: FileFingerprint, path: str | os.PathLike[str]) -> bool:
+    """Whether the file at `path` still has the size, mtime, ctime and inode of `fp`."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == tuple(fp[:4])
 
 
 # --- names and small files -----------------------------------------------------------------
@@ -240,6 +291,11 @@ def part_tag(part: int, parts: int) -> str:
 def shard_name(part: int, parts: int, shard: int) -> str:
     """Relative path of a shard file: `shards/00001-of-00004-000012.safetensors`."""
     return f"shards/{part_tag(part, parts)}-{shard:06d}.safetensors"
+
+
+def files_name(part: int, parts: int, shard: int) -> str:
+    """Relative path of a shard's input record: `parts/00001-of-00004/files/000012.json`."""
+    return f"parts/{part_tag(part, parts)}/files/{shard:06d}.json"
 
 
 def split_inputs(n: int, part: int, parts: int) -> tuple[int, int]:
@@ -313,37 +369,6 @@ def write_progress(root: Path, state: PartState, identity: str) -> None:
     """Record a part's progress (atomically): the resume point of its next run."""
     write_json(root / "parts" / part_tag(state.part, state.parts) / "progress.json",
                state.to_json(identity))
-
-
-def load_part(root: Path, fresh: PartState, identity: str) -> PartState:
-    """A part's progress from an earlier run, or `fresh` when there is none.
-
-    Only shards listed in the progress file whose file exists with the recorded size count;
-    the listing stops at the first one that does not (it is computed again). Stale temporary
-    files of this part (left by a killed run) are removed.
-    """
-    root = Path(root)
-    tag = part_tag(fresh.part, fresh.parts)
-    shard_dir = root / "shards"
-    if shard_dir.is_dir():
-        for stale in shard_dir.glob(f".{tag}-*.tmp"):
-            stale.unlink(missing_ok=True)
-    doc = _read_json(root / "parts" / tag / "progress.json")
-    if doc is None or doc.get("hash") != identity:
-        return fresh
-    state = fresh
-    for rec in (ShardRecord.from_json(s) for s in doc.get("shards", [])):
-        path = root / rec.file
-        if rec.shard != len(state.shards) or rec.inputs != state.shard_range(rec.shard):
-            break
-        if not path.is_file() or path.stat().st_size != rec.bytes:
-            break
-        failures = [
-            Failure.from_json(f) for f in doc.get("failures", [])
-            if rec.inputs[0] <= int(f["input"]) < rec.inputs[1]
-        ]
-        state = state.with_shard(rec, failures)
-    return state
 
 
 def remove_dump(root: Path) -> None:

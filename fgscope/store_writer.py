@@ -1,27 +1,32 @@
-"""Writing shards: one safetensors file per shard, atomically, from a background thread.
+"""Writing a dump: shards (one safetensors file each, atomically, from a background thread),
+their input records, and the locks that keep two processes from writing the same part.
 
 `write_shard` streams the tensors' memory into a file byte for byte what
 `safetensors.torch.save` writes; `ShardWriter` writes shards in order in a thread and records
-each in the part's progress file. Re-exported by `fgscope.store`.
+each (its input record, then the part's progress file). `part_lock` and `folder_lock` are
+`flock` locks on hidden files of the dump folder. Re-exported by `fgscope.store`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import queue
+import secrets
+import socket
 import struct
 import sys
-import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import OutputError
+from .runs import write_text
 from .store_format import (
     FORMAT,
     INPUT_INDEX,
@@ -29,11 +34,19 @@ from .store_format import (
     PartState,
     PendingShard,
     ShardRecord,
+    files_name,
+    part_tag,
     shard_name,
     write_progress,
 )
 
-__all__ = ["write_shard", "ShardWriter"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; dumps there are not locked (docs/dump.md)
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["write_shard", "write_files", "ShardWriter", "DumpLock", "part_lock", "folder_lock",
+           "other_part_locks"]
 
 _ST_DTYPES = {
     torch.float32: "F32",
@@ -115,7 +128,10 @@ def write_shard(
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        # Not mkstemp, which creates files 0600: with mode 0666 the kernel applies the umask,
+        # so shards get the mode of every other dump file (runs.atomic_write_bytes).
+        tmp = str(path.parent / f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as fh:
             size = _write_chunks(fh, chunks, digest)
         os.replace(tmp, path)
@@ -131,6 +147,23 @@ def write_shard(
             except OSError:
                 pass
     return ShardRecord(rel, pending.shard, pending.inputs, pending.rows, size, digest.hexdigest())
+
+
+def write_files(root: Path, part: int, parts: int, pending: PendingShard, identity: str) -> None:
+    """Record what the input files of a shard were (atomically), one line per input.
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    head = json.dumps({"format": FORMAT, "version": VERSION, "hash": identity, "part": part,
+                       "parts": parts, "shard": pending.shard, "inputs": list(pending.inputs)})
+    if pending.files is None:
+        text = head[:-1] + ', "files": null}\n'
+    else:
+        assert len(pending.files) == pending.inputs[1] - pending.inputs[0], "one per input"
+        lines = ",\n".join(json.dumps(list(f) if f is not None else None) for f in pending.files)
+        text = head[:-1] + f', "files": [\n{lines}\n]}}\n'
+    write_text(Path(root) / files_name(part, parts, pending.shard), text)
 
 
 class ShardWriter:
@@ -168,7 +201,9 @@ class ShardWriter:
             if self._abort.is_set() or self._error is not None:
                 continue  # drain without writing
             try:
-                rec = write_shard(self.root, self.state.part, self.state.parts, item, self.identity)
+                part, parts = self.state.part, self.state.parts
+                rec = write_shard(self.root, part, parts, item, self.identity)
+                write_files(self.root, part, parts, item, self.identity)  # before progress lists it
                 state = self.state.with_shard(rec, item.failures)
                 write_progress(self.root, state, self.identity)
                 self.state = state
@@ -219,3 +254,141 @@ class ShardWriter:
             raise self._error
         return self.state
 
+
+
+# --- locks ---------------------------------------------------------------------------------
+
+_LOCK = ".fgscope-lock"  # hidden: not a dump file (remove_dump keeps it), not a foreign one
+_HELD: set[DumpLock] = set()  # locks this process holds (strong: a held lock stays known)
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the copies of held lock files.
+
+    A flock belongs to the open file, which a fork shares: workers would keep the lock held
+    after their parent is killed (until they notice and exit), refusing the resume with the
+    dead parent's pid. Closing the child's copy leaves the parent the only holder.
+    """
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            try:
+                os.close(lock._fd)
+            except OSError:
+                pass
+            lock._fd = None  # and the child never removes the parent's lock file
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+class DumpLock:
+    """An exclusive `flock` on a hidden file of a dump folder, holding `PID HOST` of its holder.
+
+    The kernel releases a flock when its process dies (kill -9 included), so the file a
+    killed run leaves behind is simply taken over by the next one (`stale` then names the
+    dead holder). The holder removes the file before it releases the lock; a process that
+    opened the file before that and then got the lock sees that the path no longer names its
+    file, and tries again, so two processes never both hold it.
+
+    Args:
+        path: the lock file.
+        root: the dump folder (for messages).
+        wait: block until the lock is free, instead of failing at once.
+    """
+
+    def __init__(self, path: Path, root: Path, wait: bool) -> None:
+        self.path, self.root, self.wait = Path(path), Path(root), wait
+        self.stale: str | None = None
+        self.supported = fcntl is not None
+        self._fd: int | None = None
+
+    def acquire(self) -> DumpLock:
+        """Take the lock.
+
+        Raises:
+            OutputError: another process holds it (without `wait`), or it cannot be created.
+        """
+        if fcntl is None:
+            return self
+        flags = fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise OutputError(f"cannot create the lock file {self.path}: {exc.strerror or exc}",
+                                  hint="check permissions, or choose another --out") from None
+            try:
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise OutputError(
+                    f"another fgscope dump is writing {self.root} ({holder or 'pid unknown'})",
+                    hint="wait for it to end or stop it; a killed run's lock is taken over",
+                ) from None
+            except OSError as exc:  # a file system without locks (Lustre -o noflock, old NFS)
+                os.close(fd)
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    self.supported = False
+                    return self
+                raise OutputError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed the file we had opened: take the new one
+        self.stale = _holder(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        _HELD.add(self)
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (in that order, see above)."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        _HELD.discard(self)
+
+    def __enter__(self) -> DumpLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder(fd: int) -> str | None:
+    """`pid 123` (or `pid 123 on node7` from another machine) from a lock file's content."""
+    try:
+        pid, _, host = os.pread(fd, 256, 0).decode("utf-8", "replace").strip().partition(" ")
+    except OSError:
+        return None
+    if not pid.isdigit():
+        return None
+    return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+def part_lock(root: Path, part: int, parts: int) -> DumpLock:
+    """The lock a process holds while it writes part `part` of `parts` (never waits)."""
+    return DumpLock(Path(root) / f"{_LOCK}-{part_tag(part, parts)}", Path(root), wait=False)
+
+
+def folder_lock(root: Path) -> DumpLock:
+    """The lock held briefly while `dump.json` is checked and written, or `index.json` (waits)."""
+    return DumpLock(Path(root) / _LOCK, Path(root), wait=True)
+
+
+def other_part_locks(root: Path, own: DumpLock) -> Iterator[DumpLock]:
+    """The part lock files in `root` other than `own` (of parts of any count)."""
+    for path in sorted(Path(root).glob(f"{_LOCK}-*-of-*")):
+        if path != own.path:
+            yield DumpLock(path, Path(root), wait=False)

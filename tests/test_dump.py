@@ -1,5 +1,6 @@
 """`fgscope dump`: round trip against a direct forward, pooling against its definition,
-resume after SIGKILL, torchrun ranks, faults, bounded memory, and the CLI's refusals."""
+resume after SIGKILL, resumes refused after the inputs changed, the lock against a second
+dump, torchrun ranks, faults, bounded memory, and the CLI's refusals."""
 
 from __future__ import annotations
 
@@ -264,6 +265,137 @@ def test_full_disk_stops_with_clear_error_and_the_same_command_continues(tiny, t
         assert (out / "shards" / f.name).read_bytes() == f.read_bytes()
 
 
+def _interrupted(tiny, inputs, out: Path, monkeypatch, **kw) -> None:
+    """A dump stopped after its first shard (the disk filled up), to be resumed."""
+    real, calls = store_writer._write_chunks, []
+
+    def full_at_second(fh, chunks, digest):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fh, chunks, digest)
+
+    monkeypatch.setattr(store_writer, "_write_chunks", full_at_second)
+    with pytest.raises(OutputError):
+        run_dump(_config(tiny, inputs, out, pool="avg", **kw))
+    monkeypatch.setattr(store_writer, "_write_chunks", real)
+    assert len(json.loads((out / "parts/00000-of-00001/progress.json").read_text())["shards"]) == 1
+
+
+def _refused(config: DumpConfig, *needles: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        run_dump(config)
+    text = str(exc.value)
+    assert "\n" not in text and "cannot be continued" in text, text
+    assert f"delete {config.out}" in text and "another --out" in text, text
+    for needle in needles:
+        assert needle in text, text
+
+
+def test_resume_refused_after_an_image_is_replaced_under_the_same_name(tiny, tmp_path, monkeypatch):
+    paths = _images(tmp_path / "imgs", 7)
+    ref, _ = run_dump(_config(tiny, paths, tmp_path / "ref", pool="avg"))
+    out = tmp_path / "d"
+    _interrupted(tiny, paths, out, monkeypatch)
+    assert (out / store.files_name(0, 1, 0)).is_file()
+    os.utime(paths[1], ns=(10**18, 10**18))  # touched, same content: still resumable
+    _, result = run_dump(_config(tiny, paths, out, pool="avg"))
+    assert result.resumed_at == 1 and result.complete
+    for f in sorted((ref / "shards").iterdir()):
+        assert (out / "shards" / f.name).read_bytes() == f.read_bytes()
+    # another image under the name of one of shard 0, its mtime kept (cp -p, rsync -t)
+    old = os.stat(paths[2])
+    _images(tmp_path / "other", 3, seed=1)[2].replace(paths[2])
+    os.utime(paths[2], ns=(old.st_atime_ns, old.st_mtime_ns))
+    _refused(_config(tiny, paths, out, pool="avg"), "other image contents",
+             f"{paths[2]} changed (sha256 differs) since shard 0")
+    assert store.open(out)["block"][:].shape == (7, 8)  # the dump itself is untouched
+
+
+def test_resume_refused_after_an_image_is_added_to_the_folder(tiny, tmp_path, monkeypatch):
+    _images(tmp_path / "imgs", 7)
+    out = tmp_path / "d"
+    _interrupted(tiny, [tmp_path / "imgs"], out, monkeypatch)
+    extra = _images(tmp_path / "more", 1)[0].replace(tmp_path / "imgs" / "img0003b.png")
+    _refused(_config(tiny, [tmp_path / "imgs"], out, pool="avg"), "other inputs",
+             f"{extra} was added since it was started")
+    extra.unlink()
+    (tmp_path / "imgs" / "img0005.png").unlink()
+    _refused(_config(tiny, [tmp_path / "imgs"], out, pool="avg"),
+             f"{tmp_path / 'imgs' / 'img0005.png'} was removed")
+
+
+def test_resume_refused_after_a_listed_file_is_removed(tiny, tmp_path, monkeypatch):
+    paths = _images(tmp_path / "imgs", 7)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"imgs/{p.name}\n" for p in paths))
+    out = tmp_path / "d"
+    _interrupted(tiny, [listing], out, monkeypatch)
+    paths[6].unlink()  # not dumped yet: it simply fails when its shard is computed
+    paths[1].unlink()  # in shard 0, already dumped
+    _refused(_config(tiny, [listing], out, pool="avg"),
+             f"{tmp_path / 'imgs' / 'img0001.png'} was removed or cannot be read since shard 0")
+    _images(tmp_path / "imgs", 2)  # img0001.png is back, identical (same seed): resumable
+    _, result = run_dump(_config(tiny, [listing], out, pool="avg"))
+    assert result.complete and result.failures == 1 and len(store.open(out)) == 6
+
+
+def test_shard_mb_must_be_finite_and_positive(tiny, tmp_path):
+    _images(tmp_path / "imgs", 2)
+    for bad in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(ConfigError, match="--shard-mb must be a positive number"):
+            _config(tiny, [tmp_path / "imgs"], tmp_path / "d", shard_mb=bad, shard_rows=None).check()
+    _one_line_error(_cli("dump", *R18, tmp_path / "imgs", "--shard-mb", "inf"), 2, "--shard-mb", "inf")
+    assert not (tmp_path / "d").exists()
+
+
+def test_every_input_failing_is_an_error_but_one_empty_part_is_not(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"x{i}.png").write_bytes(b"not a png")
+    err = _one_line_error(_cli("dump", *R18, bad, "--out", tmp_path / "d", "--workers", "0"), 5,
+                          "none of the 3 inputs could be read", "x0.png", "index.json")
+    assert "--overwrite" in err
+    index = json.loads((tmp_path / "d/index.json").read_text())  # the failures stay listed
+    assert index["rows"] == 0 and len(index["failures"]) == 3
+    _one_line_error(_cli("dump", *R18, bad, "--out", tmp_path / "d", "--workers", "0"), 5, "none of")
+    # two parts: the first one's inputs all fail, the second one's load
+    good = _images(tmp_path / "good", 3)
+    from rich.console import Console
+
+    console = Console(record=True, width=300)
+    inputs = [*sorted(bad.iterdir()), *good]
+    _, r0 = run_dump(_config(tiny, inputs, tmp_path / "p", shard=(0, 2)), console)
+    assert r0.part_complete and r0.images == 0 and not r0.complete
+    assert "none of the 3 inputs of this part could be read" in console.export_text()
+    _, r1 = run_dump(_config(tiny, inputs, tmp_path / "p", shard=(1, 2)))
+    assert r1.complete and len(store.open(tmp_path / "p")) == 3
+
+
+def test_shards_have_the_mode_of_the_other_dump_files(tiny, tmp_path):
+    paths = _images(tmp_path / "imgs", 4)
+    before = os.umask(0o022)
+    try:
+        out, _ = run_dump(_config(tiny, paths, tmp_path / "d"))
+    finally:
+        os.umask(before)
+    want = (out / "index.json").stat().st_mode & 0o777
+    assert want == 0o644
+    files = [*(out / "shards").iterdir(), *(out / "parts").rglob("*.json"), out / "dump.json"]
+    assert {f.stat().st_mode & 0o777 for f in files} == {want}
+    assert not list(out.glob(".*"))  # no lock file is left behind
+
+
+def test_overwrite_is_refused_while_a_part_is_being_written(tiny, tmp_path):
+    paths = _images(tmp_path / "imgs", 4)
+    out, _ = run_dump(_config(tiny, paths, tmp_path / "d"))
+    with store.part_lock(out, 1, 2):  # as if a rank of a two-part dump were writing here
+        with pytest.raises(OutputError, match=f"another fgscope dump is writing {out}"):
+            run_dump(_config(tiny, paths, out, pool="max", overwrite=True))
+    assert store.open(out).layer("block").pool == "avg"  # nothing was removed
+
+
 # --- parts ---------------------------------------------------------------------------------
 
 
@@ -396,6 +528,51 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, one_thread):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     shards = sorted(p.name for p in (ref / "shards").iterdir())
     assert len(shards) == 30 and sorted(p.name for p in (out / "shards").iterdir()) == shards
+    for name in shards:
+        assert (out / "shards" / name).read_bytes() == (ref / "shards" / name).read_bytes(), name
+
+
+def test_second_dump_is_refused_while_one_runs_and_a_killed_ones_lock_is_taken_over(
+    tmp_path, one_thread
+):
+    _images(tmp_path / "imgs", 24, size=(64, 64), classes=2)
+    args = ["resnet18", str(tmp_path / "imgs"), "--weights", "none", "--size", "32", "--layers",
+            "blocks", "--pool", "none", "--dtype", "float16", "--workers", "0", "--batch-size", "2",
+            "--shard-rows", "2"]
+    ref = tmp_path / "ref"  # the uninterrupted run, in this process
+    assert _cli("dump", *args, "--out", ref).exit_code == 0
+    out = tmp_path / "d"
+    # one decoding worker: a forked child must not keep the lock once its parent is killed
+    cmd = [sys.executable, "-m", "fgscope", "dump", *args, "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "parts/00000-of-00001/progress.json"
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if progress.is_file() and json.loads(progress.read_text())["shards"]:
+                break
+            time.sleep(0.001)
+        second = _cli("dump", *args, "--out", out)  # the same command, while the first runs
+        running = proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert running, "the first dump ended before the second one started"
+    _one_line_error(second, 8, f"another fgscope dump is writing {out} (pid {proc.pid})")
+    lock = out / ".fgscope-lock-00000-of-00001"
+    assert lock.read_text().split()[0] == str(proc.pid)  # the killed run's lock stays behind
+    doc = json.loads(progress.read_text())
+    assert 1 <= len(doc["shards"]) < doc["n_shards"], "the kill came too late to test resuming"
+    again = _cli("dump", *args, "--out", out)
+    assert again.exit_code == 0, again.output
+    text = " ".join(again.output.split())
+    assert f"took over the lock left in {out} by pid {proc.pid}" in text
+    assert f"{len(doc['shards'])} of 12 shards already complete" in text
+    assert not list(out.glob(".*")) and not list((out / "shards").glob(".*"))
+    for name in ("index.json", "dump.json", "inputs.json", "parts/00000-of-00001/progress.json"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    shards = sorted(p.name for p in (ref / "shards").iterdir())
+    assert len(shards) == 12 and sorted(p.name for p in (out / "shards").iterdir()) == shards
     for name in shards:
         assert (out / "shards" / name).read_bytes() == (ref / "shards" / name).read_bytes(), name
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -278,3 +279,134 @@ def test_remove_dump_leaves_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     store.remove_dump(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# --- verified reading ----------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException, *needles: str) -> str:
+    text = str(exc)
+    assert "\n" not in text, text
+    for needle in needles:
+        assert needle in text, text
+    return text
+
+
+def test_reader_checks_each_shard_once_and_names_a_damaged_one(tmp_path, monkeypatch):
+    expected = _make_dump(tmp_path)
+    store.write_index(tmp_path, store.build_index([tmp_path]))
+    checked: list[str] = []
+    real = store.check_shard
+
+    def counting(root, record):
+        checked.append(record["file"])
+        return real(root, record)
+
+    monkeypatch.setattr(store, "check_shard", counting)
+    d = store.open(tmp_path)
+    for _ in range(3):  # every shard read three times: hashed once each, lazily
+        np.testing.assert_array_equal(d["a.map"][:], expected["a.map"])
+        np.testing.assert_array_equal(d["c:2"][[8, 0]], expected["c:2"][[8, 0]])
+    assert sorted(checked) == sorted({s["file"] for s in d.index["shards"] if s["rows"][1] > s["rows"][0]})
+    checked.clear()
+    d["b.vec"][0:2]
+    assert checked == []  # still verified; a new open() checks again
+    store.open(tmp_path)["b.vec"][0]
+    assert len(checked) == 1
+
+    # one flipped byte in the data of the second shard: the values would be silently wrong
+    victim = d.index["shards"][1]
+    path = tmp_path / victim["file"]
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    fresh = store.open(tmp_path)
+    np.testing.assert_array_equal(fresh["a.map"][0:2], expected["a.map"][0:2])  # shard 0 is fine
+    with pytest.raises(OutputError) as exc:
+        fresh["a.map"][victim["rows"][0]]
+    _one_line(exc.value, Path(victim["file"]).name, "damaged", "sha256 differs",
+              f"fgscope dump-merge --verify {tmp_path}")
+    # truncated: named too (not a raw SafetensorError), with and without hashing
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    for verify in (True, False):
+        with pytest.raises(OutputError) as exc:
+            store.open(tmp_path, verify=verify)["b.vec"][victim["rows"][0]:]
+        _one_line(exc.value, Path(victim["file"]).name, "damaged", "dump-merge --verify")
+    with pytest.raises(OutputError, match="truncated"):
+        store.open(tmp_path)["b.vec"][:]
+    path.unlink()
+    with pytest.raises(OutputError, match="missing"):
+        store.open(tmp_path)["b.vec"][:]
+
+
+# --- input records ---------------------------------------------------------------------------
+
+
+def test_input_records_notice_changed_removed_and_appeared_files(tmp_path):
+    files = []
+    for i in range(4):
+        f = tmp_path / f"in{i}.bin"
+        f.write_bytes(bytes([i]) * 100)
+        files.append(str(f))
+    paths = [*files, str(tmp_path / "absent.bin")]
+    state = PartState(0, 1, (0, 5), 3)
+    writer = store.ShardWriter(tmp_path / "d", state, "h")
+    for k in range(2):
+        a, b = state.shard_range(k)
+        pend = _pending(k, (a, b), list(range(a, b)))
+        writer.submit(PendingShard(**{**pend.__dict__, "files": tuple(
+            store.file_fingerprint(p) for p in paths[a:b])}))
+    writer.close()
+    record = (tmp_path / "d" / store.files_name(0, 1, 1)).read_text()
+    assert record.count("\n") == 4 and "null" in record  # one line per input; absent: null
+    loaded = store.load_part(tmp_path / "d", PartState(0, 1, (0, 5), 3), "h")
+    assert loaded.complete
+    assert store.find_input_change(tmp_path / "d", loaded, paths, "h") is None
+    os.utime(files[1], ns=(0, 0))  # touched (stat differs), same content: not a change
+    assert store.find_input_change(tmp_path / "d", loaded, paths, "h") is None
+    old = os.stat(files[2])
+    Path(files[2]).write_bytes(bytes([9]) * 100)  # same size, same mtime: ctime shows it
+    os.utime(files[2], ns=(old.st_atime_ns, old.st_mtime_ns))
+    change = store.find_input_change(tmp_path / "d", loaded, paths, "h")
+    assert (change.input, change.shard, change.what) == (2, 0, "changed (sha256 differs)")
+    Path(files[2]).write_bytes(bytes([2]) * 100)
+    Path(files[3]).unlink()
+    assert store.find_input_change(tmp_path / "d", loaded, paths, "h").what == "was removed or cannot be read"
+    Path(files[3]).write_bytes(bytes([3]) * 100)
+    Path(paths[4]).write_bytes(b"new")
+    assert "can be read now" in store.find_input_change(tmp_path / "d", loaded, paths, "h").what
+    # a shard whose input record is missing is not done (it is computed again)
+    (tmp_path / "d" / store.files_name(0, 1, 1)).unlink()
+    assert len(store.load_part(tmp_path / "d", PartState(0, 1, (0, 5), 3), "h").shards) == 1
+
+
+# --- locks and modes -------------------------------------------------------------------------
+
+
+def test_part_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path):
+    first = store.part_lock(tmp_path, 1, 4).acquire()
+    lock_file = tmp_path / ".fgscope-lock-00001-of-00004"
+    assert lock_file.read_text().split()[0] == str(os.getpid())
+    with pytest.raises(OutputError) as exc:  # flock: even a second open in this process
+        store.part_lock(tmp_path, 1, 4).acquire()
+    _one_line(exc.value, f"another fgscope dump is writing {tmp_path} (pid {os.getpid()})")
+    with store.part_lock(tmp_path, 2, 4) as other:  # another part: its own lock
+        assert [p.path.name for p in store.other_part_locks(tmp_path, other)] == [lock_file.name]
+    first.release()
+    assert not lock_file.exists()  # released locks leave nothing behind
+    lock_file.write_text("4194999 node7\n")  # what a run killed with SIGKILL leaves
+    with store.part_lock(tmp_path, 1, 4) as taken:
+        assert taken.stale == "pid 4194999 on node7"
+    with store.folder_lock(tmp_path) as folder:
+        assert folder.stale is None
+
+
+def test_shards_get_the_umask_mode_like_every_other_file(tmp_path):
+    before = os.umask(0o027)
+    try:
+        rec = store.write_shard(tmp_path, 0, 1, _pending(0, (0, 2), [0, 1]), "h")
+        store.write_index(tmp_path, {"x": 1})
+    finally:
+        os.umask(before)
+    mode = (tmp_path / rec.file).stat().st_mode & 0o777
+    assert mode == (tmp_path / "index.json").stat().st_mode & 0o777 == 0o640

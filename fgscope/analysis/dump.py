@@ -11,8 +11,11 @@ the same command against the same `--out` continues after the last complete shar
 with the same bytes as an uninterrupted run (batches never cross shard boundaries, so every
 shard is computed from the same batches). What a dump *is* (its identity: the model's
 weights, the input list, the stored layers, pooling, dtypes, shard size, number of parts) is
-hashed into `dump.json`; another command against the folder is refused. Batch size, workers
-and device may change between runs: they change values only by float rounding.
+hashed into `dump.json`; another command against the folder is refused, and so is a resume
+after an input file changed (each completed shard records what its files were). Batch size,
+workers and device may change between runs: they change values only by float rounding.
+A process holds a lock on its part for the whole run: a second dump of the same part is
+refused at once; the lock of a killed run is taken over.
 
 Scale-out: the inputs are split into `parts` contiguous blocks (`--shard i/N`, or RANK and
 WORLD_SIZE under torchrun; both together give part `i * WORLD_SIZE + RANK` of
@@ -23,17 +26,17 @@ part that completes last writes the union `index.json` (or `fgscope dump-merge`)
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -44,15 +47,25 @@ from rich.progress import (
 from torch import nn
 
 # The code lives in two more modules, re-exported here as the public API:
-#   dump_plan  options (parse_hw, parse_shard, resolve_part), stored layers, identity, --out
-#   dump_loop  the streaming loop: shard buffers, the forward, the writer thread
+#   dump_plan  options (DumpConfig, parse_hw, parse_shard, resolve_part), stored layers, identity
+#   dump_loop  the --out folder and its checks; the streaming loop (shard buffers, the forward,
+#              the writer thread)
+# They import in one direction only: dump -> dump_loop -> dump_plan.
 from .. import store
-from ..device import resolve_dtype
-from ..errors import ConfigError, OutputError
+from ..errors import ImageError, StoreError
 from ..runs import RunDir, write_json
 from ..store import PartState, StoredLayer
-from .dump_loop import _loop, _LoopResult
-from .dump_plan import _make_plan, _Plan, _prepare_out, parse_hw, parse_shard, resolve_part
+from .dump_loop import _check_inputs, _claim_out, _loop, _LoopResult, _out_dir
+from .dump_plan import (
+    DTYPES,
+    POOLS,
+    DumpConfig,
+    _make_plan,
+    _Plan,
+    parse_hw,
+    parse_shard,
+    resolve_part,
+)
 from .dump_plan import _transform as _transform  # read by tests/test_dump.py
 
 __all__ = [
@@ -66,81 +79,6 @@ __all__ = [
     "parse_shard",
     "resolve_part",
 ]
-
-POOLS = ("none", "avg", "max", "bilinear")
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class DumpConfig:
-    """Options of one `fgscope dump` run (see the command's help for each).
-
-    Attributes:
-        model: a model spec for `fgscope.load_model`, or a module.
-        inputs: a folder (ImageFolder layout gives labels), globs, files, or a `.txt` list.
-        layers: layer selection (`stages`, `blocks`, names, globs, `re:`).
-        pool: none (raw maps), avg, max or bilinear (B-CNN: outer products summed over
-            locations, signed square root, L2 normalisation).
-        resize_to: (H, W): reduce raw maps (pool none) to at most this size with adaptive
-            average pooling (never upsampled).
-        dtype: storage dtype.
-        precision: compute dtype (float16/bfloat16 run the forward under autocast).
-        out: the dump folder; None makes a new one under fgscope-out/.
-        overwrite: replace an existing dump in `out` instead of continuing or refusing it.
-        batch_size: images per forward.
-        workers: decoding processes (0: decode in this process).
-        shard: (i, N): process only part i of N of the inputs.
-        shard_mb: target shard size in MiB (sets the rows per shard).
-        shard_rows: rows (inputs) per shard, overriding `shard_mb`.
-        device: auto, cpu, cuda, cuda:N or mps (under torchrun, auto = cuda:LOCAL_RANK).
-        model_kwargs: extra arguments for `load_model` (weights, arch, trust, size, ...).
-        seed: seed for random-init weights, so that every rank and run builds the same model.
-    """
-
-    model: str | nn.Module = "mobilenet_v2"
-    inputs: tuple[str, ...] = ()
-    layers: str = "stages"
-    pool: str = "avg"
-    resize_to: tuple[int, int] | None = None
-    dtype: str = "float32"
-    precision: str = "float32"
-    out: Path | None = None
-    overwrite: bool = False
-    batch_size: int = 32
-    workers: int = 2
-    shard: tuple[int, int] | None = None
-    shard_mb: float = 128.0
-    shard_rows: int | None = None
-    device: str = "auto"
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    seed: int = 0
-
-    def check(self) -> None:
-        """Raises ConfigError for malformed or contradictory options."""
-        if self.pool not in POOLS:
-            raise ConfigError(f"--pool {self.pool!r} is not one of {', '.join(POOLS)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        resolve_dtype(self.precision)
-        if self.resize_to is not None and self.pool != "none":
-            raise ConfigError(
-                f"--resize-to applies to raw maps, but --pool is {self.pool}",
-                hint="use --pool none with --resize-to",
-            )
-        if self.resize_to is not None and min(self.resize_to) < 1:
-            raise ConfigError(f"--resize-to must be positive, got {self.resize_to}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
-        if not self.shard_mb > 0:
-            raise ConfigError(f"--shard-mb must be > 0, got {self.shard_mb}")
-        if self.shard_rows is not None and self.shard_rows < 1:
-            raise ConfigError(f"--shard-rows must be >= 1, got {self.shard_rows}")
-        if self.shard is not None:
-            i, n = self.shard
-            if n < 1 or not 0 <= i < n:
-                raise ConfigError(f"--shard {i}/{n}: need 0 <= i < N", hint="e.g. --shard 0/4")
 
 
 @dataclass(frozen=True)
@@ -243,24 +181,45 @@ def run_dump(config: DumpConfig, console: Console | None = None) -> tuple[Path, 
 
     Raises:
         FgscopeError: bad model, inputs, layers or options (before anything is written); a
-            different dump in `out`; OutputError when a shard cannot be written (completed
-            shards stay valid and the same command continues after them).
+            different dump in `out`, or input files that changed since their shards were
+            computed (ConfigError); another process writing this part (OutputError); an
+            OutputError when a shard cannot be written (completed shards stay valid and the
+            same command continues after them); ImageError when the finished dump holds no
+            row because every input failed.
     """
     console = console or Console(quiet=True)
     config.check()
     t0 = time.perf_counter()
     started_at = _dt.datetime.now().astimezone().isoformat()
-    plan = _make_plan(config)
+    part, parts, _ = resolve_part(config.shard)
+    out = _out_dir(config, parts)
+    tag = f"part {part + 1}/{parts}: " if parts > 1 else ""
+    # Held for the whole run, taken before the model loads: a second dump of this part is
+    # refused at once, before it could touch this run's files (its temporary shard above all).
+    with store.part_lock(out, part, parts) as lock:
+        if lock.stale:
+            console.print(f"{tag}note: took over the lock left in {escape(str(out))} by {lock.stale} "
+                          "(that run ended without releasing it)")
+        if not lock.supported:
+            console.print(f"{tag}note: the file system of {escape(str(out))} has no file locks: do not run "
+                          "two dumps of the same part into it at once")
+        plan = _make_plan(config)
+        with store.folder_lock(out):  # dump.json is checked and written by one process at a time
+            if _claim_out(out, config, plan, lock):
+                src = plan.lm.source
+                store.write_inputs(out, plan.inputs_doc)
+                store.write_identity(out, plan.identity, plan.layers, {
+                    "model": {"spec": src.spec, "path": src.path, "sha256": src.sha256,
+                              "notes": list(src.notes)},
+                    "versions": _versions(),
+                })
+        return out, _run_part(config, plan, out, console, tag, t0, started_at)
+
+
+def _run_part(config: DumpConfig, plan: _Plan, out: Path, console: Console, tag: str,
+              t0: float, started_at: str) -> DumpResult:
+    """The shards of this part that are not done yet, then the union index if it is the last."""
     part, parts, digest = plan.part, plan.parts, plan.digest
-    out = _prepare_out(config, parts, plan.identity, digest)
-    if store.read_identity(out) is None:
-        src = plan.lm.source
-        store.write_inputs(out, plan.inputs_doc)
-        store.write_identity(out, plan.identity, plan.layers, {
-            "model": {"spec": src.spec, "path": src.path, "sha256": src.sha256,
-                      "notes": list(src.notes)},
-            "versions": _versions(),
-        })
     run = RunDir(out / "parts" / store.part_tag(part, parts), "dump",
                  manifest={"started_at": started_at}, started=t0)
     run.time("setup", time.perf_counter() - t0)
@@ -268,14 +227,16 @@ def run_dump(config: DumpConfig, console: Console | None = None) -> tuple[Path, 
     span = store.split_inputs(len(plan.inputs), part, parts)
     rows_per_shard = plan.identity["rows_per_shard"]
     state = store.load_part(out, PartState(part, parts, span, rows_per_shard), digest)
+    _check_inputs(out, state, plan)
     resumed_at = len(state.shards)
     if resumed_at == 0:
         store.write_progress(out, state, digest)
-    tag = f"part {part + 1}/{parts}: " if parts > 1 else ""
     if resumed_at and not state.complete:
         console.print(
-            f"{tag}continuing {out}: {resumed_at} of {state.n_shards} shards already complete"
+            f"{tag}continuing {escape(str(out))}: {resumed_at} of {state.n_shards} shards already complete"
         )
+    if plan.lm.max_batch is not None and config.batch_size > plan.lm.max_batch:
+        config = replace(config, batch_size=plan.lm.max_batch)  # a static-batch .pt2 takes no more
     done = _loop(plan, config, out, state, console, tag)
 
     run.time("loop", done.seconds)
@@ -292,35 +253,66 @@ def run_dump(config: DumpConfig, console: Console | None = None) -> tuple[Path, 
     )
     run.finish()
 
-    complete = all(_part_done(out, p, parts, digest) for p in range(parts))
-    if complete:
-        _write_union([out], store.build_index([out], require_complete=True))
-    _summary(console, tag, out, plan, done, resumed_at, complete, rate)
-    result = DumpResult(
+    index: dict[str, Any] | None = None
+    if all(_part_done(out, p, parts, digest) for p in range(parts)):
+        with store.folder_lock(out):  # parts that finish together write it one after another
+            index = store.build_index([out], require_complete=True)
+            _write_union([out], index)
+    _summary(console, tag, out, plan, done, resumed_at, index)
+    _no_rows(console, tag, out, done.state, index)
+    return DumpResult(
         out=out, part=part, parts=parts, layers=plan.layers, inputs=span[1] - span[0],
         images=done.images, failures=done.failed, shards_written=done.shards_written,
         bytes_written=done.bytes_written, seconds=done.seconds, images_per_s=rate,
-        resumed_at=resumed_at, part_complete=done.state.complete, complete=complete,
+        resumed_at=resumed_at, part_complete=done.state.complete, complete=index is not None,
     )
-    return out, result
+
+
+def _no_rows(console: Console, tag: str, out: Path, state: PartState,
+             index: Mapping[str, Any] | None) -> None:
+    """A finished dump without a single row is an error; a part without one, a warning.
+
+    A part of several whose inputs all failed is not an error of its own: torchrun would
+    stop the other ranks for it, and the union may still hold rows. The part that finishes
+    the dump raises when the union is empty.
+
+    Raises:
+        ImageError: the dump is complete and every input failed.
+    """
+    if index is not None:
+        if index["rows"] == 0 and index["failures"]:
+            raise ImageError(
+                f"none of the {len(index['failures'])} inputs could be read "
+                f"(first: {index['failures'][0]['reason']})",
+                hint=f"the reasons are listed in {out / 'index.json'}; fix the inputs, then run "
+                "again with --overwrite",
+            )
+        return
+    if state.complete and state.failures and not any(s.rows for s in state.shards):
+        console.print(
+            f"{tag}[yellow]warning[/]: none of the {len(state.failures)} inputs of this part "
+            f"could be read (first: {escape(state.failures[0].reason)}); the other parts go on"
+        )
 
 
 def _summary(console: Console, tag: str, out: Path, plan: _Plan, done: _LoopResult,
-             resumed_at: int, complete: bool, rate: float) -> None:
+             resumed_at: int, index: Mapping[str, Any] | None) -> None:
     """The final line: images, failures, bytes written, throughput."""
     state = done.state
     if resumed_at == state.n_shards:
-        rows = f" ({len(store.open(out))} rows, index.json)" if complete else ""
-        console.print(f"{tag}nothing to do: {out} already holds every shard of this part{rows}")
+        rows = f" ({index['rows']} rows, index.json)" if index is not None else ""
+        console.print(f"{tag}nothing to do: {escape(str(out))} already holds every shard of this part{rows}")
         return
+    complete = index is not None
+    rate = done.images / done.seconds if done.seconds > 0 else 0.0
     where = "index.json" if complete else f"parts/{store.part_tag(state.part, state.parts)}/progress.json"
     listed = f" (listed in {where})" if done.failed else ""
-    total = f"; the dump holds {len(store.open(out))} rows" if complete and resumed_at else ""
+    total = f"; the dump holds {index['rows']} rows" if index is not None and resumed_at else ""
     later = "" if complete or plan.parts == 1 else " (index.json follows when every part is done)"
     console.print(
         f"{tag}dumped {done.images} images, {done.failed} failed{listed}; "
         f"{_count(len(plan.layers), 'layer')}, {_human(done.bytes_written)} in "
-        f"{_count(done.shards_written, 'shard')}; {rate:.1f} images/s -> [bold]{out}[/]"
+        f"{_count(done.shards_written, 'shard')}; {rate:.1f} images/s -> [bold]{escape(str(out))}[/]"
         f"{total}{later}"
     )
 
@@ -353,26 +345,21 @@ def merge_dump(
         ) as bar:
             task = bar.add_task("verify", total=len(index["shards"]))
             for s in index["shards"]:
-                digest = hashlib.sha256()
-                try:
-                    with (roots[0] / s["file"]).open("rb") as fh:
-                        while chunk := fh.read(1 << 22):
-                            digest.update(chunk)
-                    if digest.hexdigest() != s["sha256"]:
-                        bad.append(f"{s['file']} (sha256 differs)")
-                except OSError as exc:
-                    bad.append(f"{s['file']} ({exc.strerror or exc})")
+                problem = store.check_shard(roots[0], s)
+                if problem is not None:
+                    bad.append(f"{s['file']} ({problem})")
                 bar.advance(task)
         if bad:
-            raise OutputError(
+            raise StoreError(
                 f"{len(bad)} damaged shard(s): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}",
                 hint="delete the part's progress.json entries or rerun that part into a new --out",
             )
-    _write_union(roots, index)
+    with store.folder_lock(roots[0]):
+        _write_union(roots, index)
     console.print(
         f"index.json: {index['rows']} rows from {len(index['shards'])} shards of "
         f"{_count(index['manifest']['identity']['parts'], 'part')}, "
         f"{_count(len(index['failures']), 'failure')}"
-        f"{', every shard verified' if verify else ''} -> [bold]{roots[0]}[/]"
+        f"{', every shard verified' if verify else ''} -> [bold]{escape(str(roots[0]))}[/]"
     )
     return roots[0] / "index.json"

@@ -1,19 +1,21 @@
-"""Planning a dump before its first batch: options, stored layers, identity, the folder.
+"""Planning a dump before its first batch: options, stored layers, identity.
 
-Parses `--resize-to` and `--shard`, finds this process's part (torchrun), resolves the
-layers with one dummy forward and decides how each is stored, fingerprints the model and
-inputs into the dump's identity, and prepares (or refuses) the `--out` folder. The job itself
-is `fgscope.analysis.dump.run_dump`, which re-exports the public names here.
+The options (`DumpConfig`; `--resize-to` and `--shard` parsed), this process's part
+(torchrun), the layers (resolved with one dummy forward) and how each is stored, and the
+dump's identity (a fingerprint of the model and the input list). The job itself is
+`fgscope.analysis.dump.run_dump`, which re-exports the public names here. This module
+imports nothing from `dump` or `dump_loop` (they import it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,17 +25,93 @@ from .. import metrics, store
 from ..capture import LayerRecord, capture
 from ..data import InputList, resolve_inputs
 from ..device import autocast, resolve_device, resolve_dtype
-from ..errors import ConfigError, OutputError
-from ..runs import new_run_dir
+from ..errors import ConfigError
+from ..forward import forward
 from ..store import StoredLayer
 
-if TYPE_CHECKING:  # annotations only: dump.py imports this module
-    from .dump import DumpConfig
-
-__all__ = ["parse_hw", "parse_shard", "resolve_part"]
+__all__ = ["POOLS", "DTYPES", "DumpConfig", "parse_hw", "parse_shard", "resolve_part"]
 
 
 # --- options -------------------------------------------------------------------------------
+
+POOLS = ("none", "avg", "max", "bilinear")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    """Options of one `fgscope dump` run (see the command's help for each).
+
+    Attributes:
+        model: a model spec for `fgscope.load_model`, or a module.
+        inputs: a folder (ImageFolder layout gives labels), globs, files, or a `.txt` list.
+        layers: layer selection (`stages`, `blocks`, names, globs, `re:`).
+        pool: none (raw maps), avg, max or bilinear (B-CNN: outer products summed over
+            locations, signed square root, L2 normalisation).
+        resize_to: (H, W): reduce raw maps (pool none) to at most this size with adaptive
+            average pooling (never upsampled).
+        dtype: storage dtype.
+        precision: compute dtype (float16/bfloat16 run the forward under autocast).
+        out: the dump folder; None makes a new one under fgscope-out/.
+        overwrite: replace an existing dump in `out` instead of continuing or refusing it.
+        batch_size: images per forward.
+        workers: decoding processes (0: decode in this process).
+        shard: (i, N): process only part i of N of the inputs.
+        shard_mb: target shard size in MiB (sets the rows per shard).
+        shard_rows: rows (inputs) per shard, overriding `shard_mb`.
+        device: auto, cpu, cuda, cuda:N or mps (under torchrun, auto = cuda:LOCAL_RANK).
+        model_kwargs: extra arguments for `load_model` (weights, arch, trust, size, ...).
+        seed: seed for random-init weights, so that every rank and run builds the same model.
+    """
+
+    model: str | nn.Module = "mobilenet_v2"
+    inputs: tuple[str, ...] = ()
+    layers: str = "stages"
+    pool: str = "avg"
+    resize_to: tuple[int, int] | None = None
+    dtype: str = "float32"
+    precision: str = "float32"
+    out: Path | None = None
+    overwrite: bool = False
+    batch_size: int = 32
+    workers: int = 2
+    shard: tuple[int, int] | None = None
+    shard_mb: float = 128.0
+    shard_rows: int | None = None
+    device: str = "auto"
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raises ConfigError for malformed or contradictory options."""
+        if self.pool not in POOLS:
+            raise ConfigError(f"--pool {self.pool!r} is not one of {', '.join(POOLS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        resolve_dtype(self.precision)
+        if self.resize_to is not None and self.pool != "none":
+            raise ConfigError(
+                f"--resize-to applies to raw maps, but --pool is {self.pool}",
+                hint="use --pool none with --resize-to",
+            )
+        if self.resize_to is not None and min(self.resize_to) < 1:
+            raise ConfigError(f"--resize-to must be positive, got {self.resize_to}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        # `not > 0` catches nan too; inf would overflow int() when sizing shards
+        if not (self.shard_mb > 0 and math.isfinite(self.shard_mb)):
+            raise ConfigError(f"--shard-mb must be a positive number of MiB, got {self.shard_mb}",
+                              hint="e.g. --shard-mb 128, or --shard-rows N")
+        if self.shard_rows is not None and self.shard_rows < 1:
+            raise ConfigError(f"--shard-rows must be >= 1, got {self.shard_rows}")
+        if self.shard is not None:
+            i, n = self.shard
+            if n < 1 or not 0 <= i < n:
+                raise ConfigError(f"--shard {i}/{n}: need 0 <= i < N", hint="e.g. --shard 0/4")
+
+
 
 
 def parse_hw(text: str) -> tuple[int, int]:
@@ -147,7 +225,7 @@ def _plan_layers(
         ),
     ):
         with autocast(dev, resolve_dtype(config.precision)):
-            module(example)
+            forward(module, example)
     if not found:
         raise ConfigError(
             f"the layers {config.layers!r} produced no tensor output",
@@ -185,78 +263,9 @@ def _inputs_doc(inputs: InputList) -> dict[str, Any]:
     doc["sha256"] = store.identity_hash(
         {k: doc[k] for k in ("paths", "labels", "classes")}
     )
+    # Folders and files skipped while searching (loops, no permission): listed, not rows.
+    doc["skipped"] = [{"path": str(f.path), "reason": f.reason} for f in inputs.failures]
     return doc
-
-
-def _describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """`pool avg -> max, layers` : what differs between two identities, in a few words."""
-    out: list[str] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        if key == "model":
-            subs = [k for k in sorted(set(a or {}) | set(b or {})) if (a or {}).get(k) != (b or {}).get(k)]
-            out.append("model " + "/".join(subs))
-        elif isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
-            out.append(key)
-        else:
-            out.append(f"{key} {a} -> {b}")
-    return ", ".join(out) or "format"
-
-
-def _prepare_out(config: DumpConfig, parts: int, identity: Mapping[str, Any], digest: str) -> Path:
-    """The dump folder: new, or an existing dump of the same identity (to continue).
-
-    Raises:
-        ConfigError: the folder holds a different dump (without --overwrite), or several
-            parts were asked for without --out.
-        OutputError: the folder holds other files or cannot be created.
-    """
-    if config.out is None:
-        if parts > 1:
-            raise ConfigError(
-                "several parts need one shared --out folder",
-                hint="pass --out DIR (the same for every rank and --shard)",
-            )
-        return new_run_dir(None, "dump")
-    out = Path(os.path.expanduser(os.fspath(config.out)))
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a folder", hint="choose another --out")
-    if out.is_dir():
-        desc = store.read_identity(out)
-        if desc is None:
-            foreign = sorted(
-                p.name for p in out.iterdir()
-                if not p.name.startswith(".") and p.name not in store.DUMP_FILES
-            )
-            if foreign:
-                raise OutputError(
-                    f"--out {out} holds files that are not an fgscope dump "
-                    f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})",
-                    hint="choose a new or empty --out",
-                )
-        elif config.overwrite or desc["hash"] != digest:
-            if not config.overwrite:
-                what = _describe_difference(desc.get("identity", {}), identity)
-                raise ConfigError(
-                    f"--out {out} holds a dump made by a different command (differs in: {what}), "
-                    "so it cannot be continued",
-                    hint="choose a new --out, or pass --overwrite to replace that dump",
-                )
-            if parts > 1:
-                raise ConfigError(
-                    "--overwrite cannot be used with several parts (ranks would delete each "
-                    "other's shards)",
-                    hint=f"delete {out} first, then start all parts",
-                )
-            store.remove_dump(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "shards").mkdir(exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out}: {exc.strerror or exc}") from None
-    return out
 
 
 # --- the plan ------------------------------------------------------------------------------
