@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import os
 import pathlib
+import pickle
 import re
 import shutil
 import urllib.error
@@ -427,12 +428,13 @@ def test_torchscript_archive(tmp_path, how):
 
 
 def test_export_program(tmp_path):
-    net, x = TinyNet().eval(), torch.randn(2, 3, 16, 16)
+    net, x = TinyNet().eval(), torch.randn(1, 3, 16, 16)
     path = tmp_path / "net.pt2"
     torch.export.save(torch.export.export(net, (x,)), str(path))
     loaded = load_model(str(path))
     assert loaded.source.kind == "export" and loaded.input_size == (16, 16)
-    assert any("(2, 3, 16, 16)" in n for n in loaded.source.notes)
+    assert any("(1, 3, 16, 16)" in n for n in loaded.source.notes)
+    assert loaded.max_batch == 1  # a static batch of 1: every job splits its batches to fit
     # What the note claims: hooks on submodules fire, as in the original module.
     seen: list[str] = []
     handles = [
@@ -447,6 +449,229 @@ def test_export_program(tmp_path):
     assert seen == ["conv", "bn", "relu", "block.0", "block.1", "block", "fc"]
     _raises(ConfigError, str(path), size=32)
     assert load_model(str(path), size=16).input_size == (16, 16)
+
+
+@pytest.mark.parametrize(("dim", "expected"), [({}, None), ({"max": 8}, 8)])
+def test_export_dynamic_batch_sets_max_batch(tmp_path, dim, expected):
+    batch = torch.export.Dim("batch", **dim)
+    program = torch.export.export(
+        TinyNet().eval(), (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, str(tmp_path / "dyn.pt2"))
+    loaded = load_model(str(tmp_path / "dyn.pt2"))
+    assert loaded.max_batch == expected and loaded.input_size == (16, 16)
+    assert loaded.module(torch.randn(3, 3, 16, 16)).shape == (3, 3)
+
+
+def test_export_static_batch_above_one_and_non_image_programs_are_refused(tmp_path):
+    torch.export.save(
+        torch.export.export(TinyNet().eval(), (torch.randn(2, 3, 16, 16),)),
+        str(tmp_path / "b2.pt2"),
+    )
+    assert "batches of exactly 2 images" in _raises(ModelLoadError, str(tmp_path / "b2.pt2"))
+    mlp = nn.Sequential(nn.Linear(16, 4))
+    torch.export.save(torch.export.export(mlp, (torch.randn(1, 16),)), str(tmp_path / "mlp.pt2"))
+    text = _raises(ModelLoadError, str(tmp_path / "mlp.pt2"))
+    assert "inputs of shape (1, 16)" in text and "(N, 3, H, W)" in text
+
+
+def test_export_failures_say_why_and_stay_quiet(tmp_path, capfd):
+    """torch logs tracebacks and then raises a generic error from its fallback; fgscope says
+    what was wrong, in one line, and nothing reaches the terminal."""
+    import json
+    import zipfile
+
+    src = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(TinyNet().eval(), (torch.randn(1, 3, 16, 16),)), str(src))
+
+    def edited(name: str, edit) -> str:
+        with zipfile.ZipFile(src) as zi, zipfile.ZipFile(tmp_path / name, "w") as zo:
+            for n in zi.namelist():
+                data = zi.read(n)
+                if n.endswith("models/model.json"):
+                    doc = json.loads(data)
+                    edit(doc)
+                    data = json.dumps(doc).encode()
+                zo.writestr(n, data)
+        return str(tmp_path / name)
+
+    def custom_op(doc):
+        doc["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.no_such_lib.op.default"
+
+    def newer(doc):
+        doc["schema_version"] = {"major": 99, "minor": 0}
+
+    def hf_output(doc):
+        sig = doc["graph_module"]["module_call_graph"][0]["signature"]
+        spec = {
+            "type": "transformers.modeling_outputs.ModelOutput",
+            "context": "[]",
+            "children_spec": [],
+        }
+        sig["out_spec"] = json.dumps([1, spec])
+
+    for trust in (False, True):
+        assert "operators this torch does not have" in _raises(
+            ModelLoadError, edited("op.pt2", custom_op), trust=trust
+        )
+        assert "another torch version" in _raises(
+            ModelLoadError, edited("v.pt2", newer), trust=trust
+        )
+        assert "transformers" in _raises(ModelLoadError, edited("hf.pt2", hf_output), trust=trust)
+    with zipfile.ZipFile(tmp_path / "fake.pt2", "w") as zf:  # declares itself one, nothing else
+        zf.writestr("fake/archive_format", "pt2")
+        zf.writestr("fake/archive_version", "0")
+    assert "holds no program" in _raises(ModelLoadError, str(tmp_path / "fake.pt2"))
+    assert "holds no program" in _raises(ModelLoadError, str(tmp_path / "fake.pt2"), trust=True)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_torchscript_never_reads_its_extra_files(tmp_path):
+    marker = tmp_path / "pwned"
+    scripted = torch.jit.script(TinyNet().eval())
+    scripted.save(
+        str(tmp_path / "ts.pt"), _extra_files={"evil.pkl": pickle.dumps(TouchOnLoad(marker))}
+    )
+    loaded = load_model(str(tmp_path / "ts.pt"))
+    assert loaded.source.kind == "torchscript" and not marker.exists()
+
+
+# --- options that do not apply -----------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_options_that_do_not_apply_are_errors(tmp_path, resnet18_state):
+    torch.save(resnet18_state, tmp_path / "w.pt")
+    net = TinyNet().eval()
+    torch.export.save(
+        torch.export.export(net, (torch.randn(1, 3, 16, 16),)), str(tmp_path / "n.pt2")
+    )
+    torch.jit.script(net).save(str(tmp_path / "ts.pt"))
+    torch.save(net, tmp_path / "whole.pt")
+    for spec in (tmp_path / "w.pt", tmp_path / "n.pt2", tmp_path / "ts.pt"):
+        for weights in ("IMAGENET1K_V1", None):
+            text = _raises(ConfigError, str(spec), weights=weights, arch="resnet18")
+            assert "--weights" in text and "does not apply" in text
+    assert "--weights" in _raises(ConfigError, net, weights="none")
+    assert "--arch" in _raises(ConfigError, net, arch="resnet18")
+    assert "a torchvision name is its own" in _raises(ConfigError, "resnet18", arch="resnet18")
+    assert "torch.export program" in _raises(ConfigError, str(tmp_path / "n.pt2"), arch="resnet18")
+    assert "TorchScript archive" in _raises(ConfigError, str(tmp_path / "ts.pt"), arch="resnet18")
+    text = _raises(ConfigError, str(tmp_path / "whole.pt"), arch="resnet18", trust=True)
+    assert "whole pickled module" in text and "TinyNet" in text
+    assert isinstance(_raises(UnsafeModelError, str(tmp_path / "whole.pt"), arch="resnet18"), str)
+
+
+def test_wrong_kernel_shape_hints_at_the_arch_not_the_classes(tmp_path, resnet18_state):
+    state = OrderedDict(resnet18_state)
+    state["conv1.weight"] = torch.zeros(64, 3, 5, 5)  # a different stem, same keys
+    torch.save(state, tmp_path / "w.pt")
+    text = _raises(ModelLoadError, str(tmp_path / "w.pt"), arch="resnet18")
+    assert "conv1.weight: file (64, 3, 5, 5) vs model (64, 3, 7, 7)" in text
+    assert "wrong --arch?" in text and "--num-classes" not in text
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_a_builder_name_is_never_hijacked_by_a_path(tmp_path, monkeypatch, resnet18_state, kind):
+    monkeypatch.chdir(tmp_path)
+    if kind == "folder":
+        (tmp_path / "resnet18").mkdir()
+    else:
+        torch.save(resnet18_state, tmp_path / "resnet18")
+    loaded = load_model("resnet18", weights="none")
+    assert loaded.source.kind == "torchvision" and loaded.source.arch == "resnet18"
+    assert any(
+        f"./resnet18 (a {kind} in the current directory) was not read" in n
+        for n in loaded.source.notes
+    )
+    text = _raises(ModelLoadError, "resnet18")  # default weights: not offline here
+    assert "pass ./resnet18 for it" in text
+    if kind == "file":
+        assert load_model("./resnet18", arch="resnet18").source.kind == "state_dict"
+    else:
+        assert "directory" in _raises(ModelLoadError, "./resnet18")
+
+
+# --- the .pt2 checker's grammar ----------------------------------------------------------
+
+
+def test_scan_mirrors_torchs_archive_layout():
+    """pt2scan copies torch's member names; a torch that moves them must fail here first."""
+    import torch.export.pt2_archive.constants as c
+
+    from fgscope.models import pt2scan as s
+
+    assert (s._FORMAT, s._VERSION, s._MODELS, s._AOTI) == (
+        c.ARCHIVE_FORMAT_PATH,
+        c.ARCHIVE_VERSION_PATH,
+        c.MODELS_DIR,
+        c.AOTINDUCTOR_DIR,
+    )
+    assert (s._SAMPLE_INPUTS, s._WEIGHTS, s._WEIGHTS_CONFIG) == (
+        c.SAMPLE_INPUTS_FILENAME_FORMAT,
+        c.WEIGHTS_DIR,
+        c.WEIGHTS_CONFIG_FILENAME_FORMAT,
+    )
+    assert (s._CONSTANTS, s._CONSTANTS_CONFIG, s._CUSTOM_OBJ, s._OPAQUE_OBJ) == (
+        c.CONSTANTS_DIR,
+        c.CONSTANTS_CONFIG_FILENAME_FORMAT,
+        c.CUSTOM_OBJ_FILENAME_PREFIX,
+        c.OPAQUE_OBJ_FILENAME_PREFIX,
+    )
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "Symbol('s77', positive=True, integer=True)",
+        "FloorDiv(s0, 2) + 1",
+        "Max(1, s0)",
+        "Eq(Mod(s0, 2), 0)",
+        "-s0 + 2*s1 <= 3",
+        "s0 >= 2",
+        "True",
+        "oo",
+        "Min(s0, int_oo)",
+    ],
+)
+def test_shape_expressions_torch_writes_pass(expr):
+    from fgscope.models.pt2grammar import _is_sym_expr
+
+    assert _is_sym_expr(expr)
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "__import__('os')",
+        "s0.__class__",
+        "exec('x')",
+        "open('f')",
+        "(lambda: 1)()",
+        "[x for x in ()]",
+        "Symbol('a b')",
+        "sympify('s0')",
+        "Symbol('__x')",
+        "getattr(s0, 'x')",
+        "s0; s1",
+        "f'{s0}'",
+        "Integer(1).func",
+    ],
+)
+def test_shape_expressions_that_could_run_code_fail(expr):
+    from fgscope.models.pt2grammar import _is_sym_expr
+
+    assert not _is_sym_expr(expr)
+
+
+def test_guards_grammar():
+    from fgscope.models.pt2grammar import _is_guard
+
+    assert _is_guard("L['x'].size()[0] <= 64") and _is_guard("L['x'].stride()[1] == 3")
+    for bad in ('L["x"].size()[0] <= 64', "L['x'].__class__", "torch.load('f')", "L['x'].item()"):
+        assert not _is_guard(bad)
 
 
 # --- bad files and paths -----------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import pickletools
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -16,14 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fgscope.errors import ModelLoadError, UnsafeModelError
+from fgscope.errors import ConfigError, ModelLoadError, UnsafeModelError
+from fgscope.models.export import _from_export
 from fgscope.models.hub import _build, _check_arch, _rekey, _remap_legacy, _sha256, _signature
+from fgscope.models.pt2scan import _pickled_global
 from fgscope.models.types import (
     _LIST_HINT,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ModelSource,
-    Preprocess,
     TorchScriptModel,
     _first_line,
     _is_str_list,
@@ -45,21 +43,12 @@ _COMMON_ARCHS = (  # tried, on the meta device, to guess a state_dict's architec
     "efficientnet_b0", "efficientnet_b1", "convnext_tiny", "densenet121", "vgg16", "vgg16_bn",
     "alexnet", "squeezenet1_1", "shufflenet_v2_x1_0", "mnasnet1_0", "vit_b_16", "swin_t",
 )
-# Globals a torch.save pickle of plain tensors refers to (skipped when naming what a file holds).
-_TENSOR_PICKLE_MODULES = ("torch._utils", "torch._tensor", "torch.serialization", "collections",
-                          "builtins", "__builtin__")
 _TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's pickled magic number
 # fmt: on
 _NOTE_TORCHSCRIPT = (
     "TorchScript: torch refuses forward hooks on ScriptModules ('register_forward_hook is not "
     "supported on ScriptModules'), so no layer inside the archive can be captured, only the "
     "model's output (recorded as `output`); save a state_dict (with --arch) or a torch.export .pt2 instead"
-)
-_NOTE_EXPORT = (
-    "torch.export: loaded with torch.export.unflatten, which restores the original module "
-    "hierarchy, so forward hooks on its submodules fire as in the original model; ops written "
-    "inline in forward() (torch.flatten, +, F.relu) are not modules and cannot be captured, and "
-    "train/eval behaviour was fixed when the program was exported"
 )
 
 
@@ -73,9 +62,18 @@ def _from_file(spec: str, arch: str | None, trust: bool, num_classes: int | None
     if not path.is_file():
         raise ModelLoadError(f"{path} is a directory, not a model file")
     kind, digest = _sniff(path), _sha256(path)
+    if arch is not None and kind in ("export", "torchscript"):
+        what = "torch.export program" if kind == "export" else "TorchScript archive"
+        raise ConfigError(
+            f"--arch does not apply to {path}: a {what} carries its own architecture",
+            "drop --arch (it is for state_dict files)",
+        )
     if kind == "export":
-        return _from_export(spec, path, digest)
+        return _from_export(spec, path, digest, trust)
     if kind == "torchscript":
+        # torch.jit.load runs TorchScript's C++ unpickler, which builds only TorchScript types
+        # and refuses Python globals, and compiles the archive's code/ with the TorchScript
+        # compiler; extra files are not read unless asked for (we never ask).
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -98,7 +96,10 @@ def _from_file(spec: str, arch: str | None, trust: bool, num_classes: int | None
             ) from exc
     elif kind in ("torch_zip", "torch_legacy"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # An open file, not the path: torch.load reads a path named .safetensors as one,
+            # and what the bytes are (sniffed above) must decide, not the name.
+            with open(path, "rb") as fh:
+                obj = torch.load(fh, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:  # a global outside torch's allowlist: code, not data
             if not trust:
                 raise UnsafeModelError(
@@ -118,6 +119,13 @@ def _from_file(spec: str, arch: str | None, trust: bool, num_classes: int | None
     if module is None and isinstance(obj, Mapping):
         module = next((obj[k] for k in _MODULE_KEYS if isinstance(obj.get(k), nn.Module)), None)
     if module is not None:
+        if arch is not None:
+            raise ConfigError(
+                f"--arch does not apply to {path}: it holds a whole pickled module "
+                f"({type(module).__module__}.{type(module).__qualname__}), which carries its own "
+                "architecture",
+                "drop --arch",
+            )
         source = ModelSource(spec, "pickled_module", None, None, str(path), digest)
         return _Resolved(module.eval(), None, None, None, source)
     return _from_state_dict(spec, path, digest, obj, arch, num_classes)
@@ -125,49 +133,13 @@ def _from_file(spec: str, arch: str | None, trust: bool, num_classes: int | None
 
 def _load_trusted(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with open(path, "rb") as fh:
+            return torch.load(fh, map_location="cpu", weights_only=False)
     except Exception as exc:  # e.g. the pickled class cannot be imported here
         raise ModelLoadError(
             f"cannot unpickle {path} ({_first_line(exc)})",
             "import the module that defines its classes first, or save a state_dict",
         ) from exc
-
-
-def _from_export(spec: str, path: Path, digest: str) -> _Resolved:
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{path} is a damaged torch.export archive ({_first_line(exc)})"
-        ) from exc
-    notes = [_NOTE_EXPORT]
-    try:
-        module = torch.export.unflatten(program)
-        module.eval()
-    except Exception as exc:  # the flat graph still runs, but it calls no submodules
-        module = program.module()
-        notes = [
-            f"torch.export: unflatten failed ({_first_line(exc)}); the flat graph calls no "
-            "submodules, so only the model's output can be captured"
-        ]
-    base = None
-    inputs = program.graph_signature.user_inputs
-    shapes = [
-        n.meta["val"].shape
-        for n in program.graph.nodes
-        if n.op == "placeholder" and n.name in inputs and "val" in n.meta
-    ]
-    if len(shapes) == 1 and len(shapes[0]) == 4:
-        dims = tuple(d if isinstance(d, int) else "*" for d in shapes[0])  # SymInt = dynamic
-        if isinstance(dims[2], int) and isinstance(dims[3], int):
-            base = Preprocess((dims[2], dims[3]), None, IMAGENET_MEAN, IMAGENET_STD)
-        if any(isinstance(d, int) for d in (dims[0], dims[2], dims[3])):
-            notes.append(
-                f"torch.export: the program takes only inputs of shape {dims} "
-                "(N, C, H, W; '*' = dynamic)"
-            )
-    source = ModelSource(spec, "export", None, None, str(path), digest, tuple(notes))
-    return _Resolved(module, base, None, None, source)
 
 
 def _from_state_dict(
@@ -280,11 +252,8 @@ def _check_fit(
     ref = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in ref if k not in state]
     unexpected = [k for k in state if k not in ref]
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {s}"
-        for k, s in ref.items()
-        if k in state and tuple(state[k].shape) != s
-    ]
+    wrong = [k for k, s in ref.items() if k in state and tuple(state[k].shape) != s]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {ref[k]}" for k in wrong]
     if not (missing or unexpected or shapes):
         return
     parts = [
@@ -292,16 +261,36 @@ def _check_fit(
         f"{len(unexpected)} unexpected keys" + (f" ({_some(unexpected)})" if unexpected else ""),
         f"{len(shapes)} shape mismatches" + (f" ({'; '.join(shapes)})" if shapes else ""),
     ]
+    heads = _classifier_keys(model)
+    # Only the classifier differing in its first dimension means another number of classes.
+    head_only = all(
+        k in heads and state[k].ndim == len(ref[k]) and tuple(state[k].shape[1:]) == ref[k][1:]
+        for k in wrong
+    )
     guess = _guess_arch(state)
     if guess and guess != name:
         hint = f"wrong --arch? the file looks like {guess}"
-    elif shapes and not (missing or unexpected):
+    elif wrong and head_only and not (missing or unexpected):
         hint = (
             "a different number of classes? " + ("check" if explicit else "pass") + " --num-classes"
         )
     else:
         hint = f"wrong --arch? {_LIST_HINT}"
     raise ModelLoadError(f"{path} does not fit --arch {name}: {', '.join(parts)}", hint)
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """Parameter names of the classifier: the last Linear/Conv2d, and any Linear with as many
+    outputs (auxiliary heads such as inception's AuxLogits.fc)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        return set()
+    last = layers[-1][1]
+    outs = last.out_features if isinstance(last, nn.Linear) else last.out_channels
+    names = {layers[-1][0]} | {
+        n for n, m in layers if isinstance(m, nn.Linear) and m.out_features == outs
+    }
+    return {f"{n}.{p}" for n in names for p in ("weight", "bias")}
 
 
 # --- small helpers -----------------------------------------------------------------------
@@ -332,8 +321,12 @@ def _sniff(path: Path) -> str:
                 names = zf.namelist()
         except (zipfile.BadZipFile, OSError):
             return "unknown"
-        if any(n == "archive_format" or n.endswith("/archive_format") for n in names):
-            return "export"
+        if any(
+            n in ("archive_format", "serialized_exported_program.json")
+            or n.endswith("/archive_format")
+            for n in names
+        ):
+            return "export"  # the torch.export layout, or the one before it (torch < 2.7)
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             return "torchscript"
         return "torch_zip" if any(n.endswith("data.pkl") for n in names) else "zip"
@@ -355,6 +348,8 @@ def _describe(path: Path, kind: str) -> str:
         return f"a {'zip archive' if kind == 'zip' else 'Python pickle'} not written by torch"
     with open(path, "rb") as fh:
         head = fh.read(24)
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive that cannot be read: damaged or truncated"
     text = head.decode("utf-8", errors="replace")
     if all(c.isprintable() or c in "\r\n\t" for c in text):
         return f"it starts with the text {text.splitlines()[0][:20]!r}"
@@ -362,25 +357,13 @@ def _describe(path: Path, kind: str) -> str:
 
 
 def _pickled_class(path: Path) -> str:
-    """The first non-tensor global a torch.save zip's pickle names, read by pickletools (nothing runs)."""
+    """The first non-tensor global a torch.save file's pickle names (nothing runs)."""
     try:
         with zipfile.ZipFile(path) as zf:
             data = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
-        strings: list[str] = []
-        for op, arg, _ in pickletools.genops(data):
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
-                strings.append(arg)
-            if op.name == "GLOBAL":
-                module, name = arg.split(" ", 1)
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                module, name = strings[-2], strings[-1]
-            else:
-                continue
-            if module != "torch" and not module.startswith(_TENSOR_PICKLE_MODULES):
-                return f"{module}.{name}"
-    except Exception:  # legacy format or an unusual pickle: say it generically
-        pass
-    return "nn.Module or other code objects"
+    except Exception:  # the legacy format: the pickle is the file itself
+        data = path.read_bytes()
+    return _pickled_global(data) or "nn.Module or other code objects"
 
 
 def _some(keys: list[str]) -> str:

@@ -144,6 +144,9 @@ class LoadedModel:
         input_size: (H, W) of the input, equal to `preprocess.crop_size`.
         labels: class names when known.
         source: where the model came from.
+        max_batch: the most inputs one forward may hold; None = any number. Set for a torch.export
+            program exported with a static batch of 1 or a bounded dynamic batch: every job
+            splits its batches to at most this many images.
     """
 
     module: nn.Module
@@ -151,6 +154,7 @@ class LoadedModel:
     input_size: tuple[int, int]
     labels: tuple[str, ...] | None
     source: ModelSource
+    max_batch: int | None = None
 
 
 class TorchScriptModel(nn.Module):
@@ -174,6 +178,7 @@ class _Resolved(NamedTuple):
     num_classes: int | None
     labels: tuple[str, ...] | None
     source: ModelSource
+    max_batch: int | None = None  # see LoadedModel.max_batch
 
 
 # --- small helpers -----------------------------------------------------------------------

@@ -1,0 +1,222 @@
+"""Options shared by several commands, each declared once.
+
+An option group is a frozen dataclass whose fields carry their Typer declaration
+(`Annotated[type, typer.Option(...)]`). A command names a group once in its signature
+(`model: ModelOptions`) and is decorated with `@with_options`: the group's fields become the
+command's options (in that place of its `--help`), and the command receives one instance.
+Adding a model option touches this file only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+__all__ = [
+    "OptionGroup",
+    "ModelOptions",
+    "NormalizeOptions",
+    "DeviceOptions",
+    "OutputOptions",
+    "with_options",
+    "ModelArg",
+    "DefaultModelArg",
+    "ImagesArg",
+    "DataArg",
+    "LayersOpt",
+    "DtypeOpt",
+    "BatchSizeOpt",
+    "FoldsOpt",
+    "SeedOpt",
+    "MaxPerClassOpt",
+    "PoolOpt",
+    "CoarseMapOpt",
+    "split_pools",
+    "WEIGHTS_HELP",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+WEIGHTS_HELP = "torchvision weights: default, a name (IMAGENET1K_V2) or none (random init)."
+
+
+class OptionGroup:
+    """Base of the option groups (a marker for `with_options`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions(OptionGroup):
+    """How MODEL is loaded: weights, architecture of a state_dict, trust, input size."""
+
+    weights: Annotated[str, typer.Option(help=WEIGHTS_HELP)] = "default"
+    arch: Annotated[
+        str | None, typer.Option(help="torchvision architecture for a state_dict file, e.g. resnet50.")
+    ] = None
+    trust: Annotated[
+        bool,
+        typer.Option("--trust", help="Allow unpickling a whole model file (this runs code from the file)."),
+    ] = False
+    size: Annotated[
+        int | None, typer.Option(help="Input side in pixels (default: the weights' own, else 224).")
+    ] = None
+    num_classes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-classes", min=1, help="Classes of a state_dict's classifier when they cannot be inferred."
+        ),
+    ] = None
+
+    def load_kwargs(self, normalize: NormalizeOptions | None = None) -> dict[str, Any]:
+        """Keyword arguments for `fgscope.models.load_model`."""
+        return {
+            "weights": None if self.weights.lower() == "none" else self.weights,
+            "arch": self.arch,
+            "trust": self.trust,
+            "size": self.size,
+            "mean": normalize.mean if normalize else None,
+            "std": normalize.std if normalize else None,
+            "num_classes": self.num_classes,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizeOptions(OptionGroup):
+    """Per-channel normalisation of the images (commands that read images)."""
+
+    mean: Annotated[
+        tuple[float, float, float] | None,
+        typer.Option(help="Normalisation mean per channel (default: the weights' own, else ImageNet)."),
+    ] = None
+    std: Annotated[
+        tuple[float, float, float] | None,
+        typer.Option(help="Normalisation std per channel (default: the weights' own, else ImageNet)."),
+    ] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceOptions(OptionGroup):
+    """Where the model runs."""
+
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions(OptionGroup):
+    """The output folder of a run."""
+
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (default: a new one under fgscope-out/)."),
+    ] = None
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Reuse --out if it holds an earlier fgscope run: only that run's files are "
+            "removed; a folder holding anything else is refused."
+        ),
+    ] = False
+
+
+def with_options(func: F) -> F:
+    """Expand each `OptionGroup`-typed parameter of a Typer command into the group's options,
+    and call the command with one group instance per such parameter."""
+    hints = typing.get_type_hints(func, include_extras=True)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, tuple[type, list[str]]] = {}
+    for p in inspect.signature(func).parameters.values():
+        ann = hints.get(p.name, p.annotation)
+        if isinstance(ann, type) and issubclass(ann, OptionGroup):
+            fields = dataclasses.fields(ann)  # type: ignore[arg-type]
+            field_hints = typing.get_type_hints(ann, include_extras=True)
+            groups[p.name] = (ann, [f.name for f in fields])
+            for f in fields:
+                params.append(inspect.Parameter(
+                    f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                    annotation=field_hints[f.name],
+                ))
+        else:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=ann))
+    names = [p.name for p in params]
+    clash = {n for n in names if names.count(n) > 1}
+    assert not clash, f"{func.__name__}: options declared twice: {clash}"
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> Any:
+        for name, (cls, fields) in groups.items():
+            kwargs[name] = cls(**{f: kwargs.pop(f) for f in fields})
+        return func(**kwargs)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command  # type: ignore[return-value]
+
+
+# --- single options and arguments shared by several commands --------------------------------
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="torchvision name (resnet50, torchvision:resnet50:IMAGENET1K_V2) or a model file "
+        "(.pt/.pth state_dict or checkpoint with --arch, .pt2 export, TorchScript, pickled module with --trust).",
+        show_default=False,
+    ),
+]
+DefaultModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="torchvision name or model file (see `fgscope summary --help`); "
+        "default: the embedded ImageNet MobileNetV2."
+    ),
+]
+ImagesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Image files, folders (recursive) or globs; default: a sample photo.", show_default=False
+    ),
+]
+DataArg = Annotated[
+    Path,
+    typer.Argument(help="Labelled images in ImageFolder layout: DATA/CLASS/IMAGE.", show_default=False),
+]
+LayersOpt = Annotated[
+    str,
+    typer.Option(
+        "--layers",
+        "-l",
+        help="all | blocks | stages | names, globs ('layer*') or regexes ('re:^layer[12]$'), comma-separated.",
+    ),
+]
+DtypeOpt = Annotated[str, typer.Option(help="float32 | float16 | bfloat16 (autocast where supported).")]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per forward.")]
+FoldsOpt = Annotated[int, typer.Option(help="Folds of the stratified cross-validation.")]
+SeedOpt = Annotated[
+    int, typer.Option(help="Seed of folds, subsampling, projections and random init (--weights none).")
+]
+MaxPerClassOpt = Annotated[
+    int | None, typer.Option(help="Use at most this many images per class (seeded subset).")
+]
+PoolOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--pool", "-p",
+        help="avg | max | bilinear | hypercolumn; repeat or comma-separate for several (default: avg).",
+        show_default=False,
+    ),
+]
+CoarseMapOpt = Annotated[
+    Path | None,
+    typer.Option("--coarse-map", help='JSON {"fine class": "coarse class", ...}: also probe the coarse labels.'),
+]
+
+
+def split_pools(pools: list[str] | None, default: tuple[str, ...] = ("avg",)) -> tuple[str, ...]:
+    """`--pool a --pool b,c` -> ("a", "b", "c"); nothing -> `default`."""
+    items = [p.strip() for item in (pools or []) for p in item.split(",") if p.strip()]
+    return tuple(items) or default
