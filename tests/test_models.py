@@ -794,3 +794,8 @@ def test_densenet_legacy_keys_are_remapped():
     legacy = r"(denselayer\d+\.(?:norm|relu|conv))([12])\.(weight|bias|running_mean|running_var)$"
     old = {re.sub(legacy, r"\1.\2.\3", k): v for k, v in state.items()}
     assert old != state and models.hub._remap_legacy("densenet121", old) == state
+
+
+def test_num_classes_on_a_torchvision_name_is_refused():
+    text = _raises(ConfigError, "resnet18", weights=None, num_classes=5)
+    assert "--num-classes does not apply" in text

@@ -109,6 +109,12 @@ def load_model(
                 f"--arch does not apply to {spec!r}: a torchvision name is its own architecture",
                 "drop --arch (it names the architecture of a state_dict file)",
             )
+        if num_classes is not None:
+            raise ConfigError(
+                f"--num-classes does not apply to {spec!r}: a torchvision name builds the "
+                "classifier of its weights (1000 ImageNet classes with --weights none)",
+                "drop --num-classes (it sizes the classifier of a state_dict file)",
+            )
         got = _from_named(spec, weights, builder)
     fixed = got.source.path if got.source.kind == "export" else None  # static input shape
     preprocess = _make_preprocess(got.preprocess, size, mean, std, fixed)
