@@ -19,7 +19,7 @@ Each method runs in its own subprocess, measured from the same starting point:
   imports and the fixed random maps): it includes the allocator's slack and the generated
   batch, so it is an upper bound of what the method itself holds;
 - the bytes the method must hold by construction (features kept + Grams), computed.
-The script uses fgscope's own code (`fgscope.analysis.similarity.centered_gram` and
+The script uses fgscope's own code (`fgscope.similarity.run.centered_gram` and
 `CkaAccumulator`), i.e. exactly what `fgscope similarity` runs.
 """
 
@@ -34,9 +34,9 @@ import time
 
 import torch
 
-from fgscope.analysis import similarity as sim
-from fgscope.analysis.similarity import CkaAccumulator, centered_gram
 from fgscope.device import tune_host_allocator
+from fgscope.similarity import CkaAccumulator, centered_gram
+from fgscope.similarity import cka as similarity_cka
 
 STAGES = {
     "features.1": (16, 112, 112),
@@ -75,7 +75,7 @@ def _batch(idx: range, maps: list[torch.Tensor], device: torch.device) -> list[t
 def _gram_work(b: int) -> int:
     """Bytes of the float64 column chunk in `centered_gram`."""
     p_max = max(c * h * w for c, h, w in STAGES.values())
-    return b * min(p_max, max(1, sim._GRAM_CHUNK_BYTES // (8 * b))) * 8
+    return b * min(p_max, max(1, similarity_cka._GRAM_CHUNK_BYTES // (8 * b))) * 8
 
 
 def _rss_mb() -> float:

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from fgscope.analysis.dump import DumpConfig, run_dump
 from fgscope.data import ImageDataset, make_loader, resolve_inputs, shard_batches
 from fgscope.device import tune_host_allocator
+from fgscope.dump.run import DumpConfig, run_dump
 from fgscope.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,10 +35,9 @@ from PIL import Image
 
 from fgscope.capture import capture
 from fgscope.geometry import trace_geometry
+from fgscope.layers.figures import geometry_figure, hierarchy_figure
 from fgscope.render import (
     PNG_PARAMS,
-    geometry_figure,
-    hierarchy_figure,
     render_grid,
     save_figure,
     save_png,

@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._inplace import CopyOnWrite, storage_key
-from .analysis.stages import last_at_each_resolution
-from .errors import ConfigError, LayerNotFoundError
-from .forward import forward
+from fgscope._inplace import CopyOnWrite, storage_key
+from fgscope.errors import ConfigError, LayerNotFoundError
+from fgscope.forward import forward
+from fgscope.stages import last_at_each_resolution
 
 __all__ = [
     "LayerRecord",

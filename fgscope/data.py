@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ImageError
-from .image_decode import reason, show_path, stat_regular
-from .images import (
+from fgscope.errors import ImageError
+from fgscope.image_decode import reason, show_path, stat_regular
+from fgscope.images import (
     IMAGE_EXTENSIONS,
     ImageFailure,
     MaxPixels,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import DeviceError
+from fgscope.errors import DeviceError
 
 __all__ = ["resolve_device", "resolve_dtype", "autocast", "to_device", "tune_host_allocator"]
 

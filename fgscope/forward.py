@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FgscopeError, ModelRunError
+from fgscope.errors import FgscopeError, ModelRunError
 
 __all__ = ["forward", "smallest_input_side"]
 

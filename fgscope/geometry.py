@@ -38,8 +38,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .capture import LayerRecord, LayerSpec, capture
-from .forward import forward
+from fgscope.capture import LayerRecord, LayerSpec, capture
+from fgscope.forward import forward
 
 __all__ = ["Axis", "LayerGeometry", "trace_geometry", "count_macs"]
 

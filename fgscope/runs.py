@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from fgscope.errors import OutputError
 
 __all__ = [
     "RunDir",
@@ -292,7 +292,7 @@ def model_entry(lm: Any) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
+    from fgscope import __version__
 
     out = {"fgscope": __version__, "python": platform.python_version()}
     for mod in ("torch", "torchvision", "numpy", "PIL"):

@@ -41,8 +41,8 @@ import numpy as np
 import typer
 from PIL import Image, ImageDraw
 
-from .errors import ConfigError, OutputError
-from .runs import atomic_write_bytes, write_json
+from fgscope.errors import ConfigError, OutputError
+from fgscope.runs import atomic_write_bytes, write_json
 
 __all__ = [
     "SHAPES",
@@ -299,7 +299,7 @@ def main(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from .cli._common import guarded
+    from fgscope.cli._common import guarded
 
     console = Console(highlight=False)
     with guarded():

@@ -135,7 +135,7 @@ def test_layers_default_writes_valid_files_that_agree(layers_run):
 @pytest.mark.slow
 def test_layers_files_agree_with_python_api(layers_run):
     import fgscope
-    from fgscope.analysis.layers import inspect
+    from fgscope.layers.compute import inspect
 
     out, _ = layers_run
     table = json.loads((out / "layers.json").read_text())["layers"]

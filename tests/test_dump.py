@@ -20,8 +20,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fgscope import store, store_writer
-from fgscope.analysis.dump import (
+from fgscope import store
+from fgscope.capture import capture
+from fgscope.cli import app
+from fgscope.data import ImageDataset, collate, resolve_inputs, shard_batches
+from fgscope.dump.run import (
     DumpConfig,
     _transform,
     parse_hw,
@@ -29,13 +32,11 @@ from fgscope.analysis.dump import (
     resolve_part,
     run_dump,
 )
-from fgscope.capture import capture
-from fgscope.cli import app
-from fgscope.data import ImageDataset, collate, resolve_inputs, shard_batches
 from fgscope.errors import ConfigError, ImageError, OutputError
 from fgscope.images import load_image
 from fgscope.models import load_model
 from fgscope.store import StoredLayer
+from fgscope.store import writer as store_writer
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]

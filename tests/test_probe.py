@@ -14,7 +14,10 @@ from conftest import assert_one_line_error, run
 from PIL import Image
 
 from fgscope import metrics
-from fgscope.analysis.probe import (
+from fgscope.capture import capture
+from fgscope.errors import ConfigError
+from fgscope.models import load_model
+from fgscope.probe import (
     Features,
     ProbeLayer,
     bilinear_features,
@@ -24,9 +27,6 @@ from fgscope.analysis.probe import (
     hypercolumn_features,
     load_coarse_map,
 )
-from fgscope.capture import capture
-from fgscope.errors import ConfigError
-from fgscope.models import load_model
 from fgscope.synthetic import generate
 
 ROW_KEYS = {"layer", "index", "stage", "stride", "rf", "pool", "granularity", "acc_mean", "acc_std",

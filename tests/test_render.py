@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fgscope.layers.figures import geometry_figure, hierarchy_figure
 from fgscope.render import (
     colorize,
     colormap_lut,
-    geometry_figure,
-    hierarchy_figure,
     render_grid,
     save_figure,
     save_png,
@@ -351,10 +350,11 @@ def test_import_is_light_and_figures_never_use_pyplot() -> None:
     code = (
         "import sys, numpy as np\n"
         "import fgscope.render as r\n"
+        "import fgscope.layers.figures as f\n"
         "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules\n"
         "r.render_grid(np.ones((2, 3, 3)))\n"
         "from PIL import Image\n"
-        "r.hierarchy_figure([Image.new('RGB', (8, 8))], [('a', np.ones((1, 2, 2)))])\n"
+        "f.hierarchy_figure([Image.new('RGB', (8, 8))], [('a', np.ones((1, 2, 2)))])\n"
         "assert 'matplotlib.pyplot' not in sys.modules and 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -21,11 +21,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from fgscope.analysis.report import ReportConfig, load_hierarchy, run_report
 from fgscope.cli import app
 from fgscope.errors import ConfigError
 from fgscope.report import html as page_html
 from fgscope.report import paper, runs, sections
+from fgscope.report.run import ReportConfig, load_hierarchy, run_report
 
 runner = CliRunner()
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -189,8 +189,8 @@ def test_live_report_has_every_section_whose_results_exist(live):
 
 
 def test_stage_layers_match_the_hierarchy_figure(live):
-    from fgscope.analysis.layers import LayerStats
-    from fgscope.analysis.layers_run import hierarchy_columns
+    from fgscope.layers.compute import LayerStats
+    from fgscope.layers.run import hierarchy_columns
 
     out, _ = live
     rows = json.loads((out / "layers" / "layers.json").read_text())["layers"]
@@ -229,7 +229,7 @@ def test_paper_figures_in_every_format_open(live):
 
 
 def test_from_rebuilds_the_page_without_recomputing(live, tmp_path, monkeypatch):
-    import fgscope.analysis.layers_run as layers_run
+    import fgscope.layers.run as layers_run
 
     def no(*a, **k):
         raise AssertionError("--from must not run anything")

@@ -217,7 +217,7 @@ def report_html(tmp_path_factory) -> Path:
     """A live report of a small random-init ResNet-18 on four tiny images."""
     import numpy as np
 
-    from fgscope.analysis.report import ReportConfig, run_report
+    from fgscope.report.run import ReportConfig, run_report
 
     root = tmp_path_factory.mktemp("browser")
     rng = np.random.default_rng(0)

@@ -18,11 +18,11 @@ import torchvision
 from conftest import assert_one_line_error, run
 from PIL import Image, ImageDraw
 
-from fgscope.analysis import similarity as sim
-from fgscope.analysis import similarity_cka
-from fgscope.analysis.similarity import CkaAccumulator, centered_gram, compute_similarity
+from fgscope.errors import ConfigError, ImageError, LayerNotFoundError
 from fgscope.metrics import MinibatchCKA, center_gram, linear_cka
 from fgscope.models import load_model
+from fgscope.similarity import CkaAccumulator, centered_gram, compute_similarity
+from fgscope.similarity import cka as similarity_cka
 
 
 def _correlated(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,11 +195,11 @@ def test_minibatch_approaches_full_with_many_images(tiny):
 
 def test_too_few_images_and_bad_batch(tiny):
     lm = load_model(tiny, size=32)
-    with pytest.raises(sim.ImageError, match="at least 4 images, got 3"):
+    with pytest.raises(ImageError, match="at least 4 images, got 3"):
         compute_similarity(lm, _images(3))
-    with pytest.raises(sim.ConfigError, match="at least 4"):
+    with pytest.raises(ConfigError, match="at least 4"):
         compute_similarity(lm, _images(8), batch_size=3)
-    with pytest.raises(sim.LayerNotFoundError, match="--vs model: no layer named 'block'"):
+    with pytest.raises(LayerNotFoundError, match="--vs model: no layer named 'block'"):
         compute_similarity(lm, _images(4), "block", vs=torchvision.models.resnet18(weights=None))
 
 

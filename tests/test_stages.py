@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision
 
-from fgscope.analysis.stages import assign_stages, resolution_levels
 from fgscope.geometry import trace_geometry
+from fgscope.stages import assign_stages, resolution_levels
 
 
 def test_levels_and_stages_by_hand():
@@ -75,7 +75,7 @@ def test_stages_are_monotonic_with_depth():
 
 
 def test_last_at_each_resolution():
-    from fgscope.analysis.stages import last_at_each_resolution
+    from fgscope.stages import last_at_each_resolution
 
     sizes = [(112, 112), (112, 112), None, (56, 56), (1, 1), (56, 56), (7, 7), (1, 1), None]
     assert last_at_each_resolution(sizes) == [1, 5, 6]

@@ -15,9 +15,11 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.torch import load_file, save
 
-from fgscope import store, store_writer
+from fgscope import store
 from fgscope.errors import ConfigError, LayerNotFoundError, OutputError
 from fgscope.store import Failure, PartState, PendingShard, StoredLayer
+from fgscope.store import reader as store_reader
+from fgscope.store import writer as store_writer
 
 # --- a reader that needs nothing but numpy (the one in docs/dump.md) -----------------------
 
@@ -302,7 +304,7 @@ def test_reader_checks_each_shard_once_and_names_a_damaged_one(tmp_path, monkeyp
         checked.append(record["file"])
         return real(root, record)
 
-    monkeypatch.setattr(store, "check_shard", counting)
+    monkeypatch.setattr(store_reader, "check_shard", counting)  # where the reader looks it up
     d = store.open(tmp_path)
     for _ in range(3):  # every shard read three times: hashed once each, lazily
         np.testing.assert_array_equal(d["a.map"][:], expected["a.map"])

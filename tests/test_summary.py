@@ -6,7 +6,7 @@ import pytest
 import torchvision
 from conftest import TinyNet
 
-from fgscope.analysis.summary import summarize
+from fgscope.summary.compute import summarize
 
 
 def test_tiny_summary_by_hand():

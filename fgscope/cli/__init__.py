@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import typer
 
-from . import advise as _advise
-from . import cam as _cam
-from . import dump as _dump
-from . import layers as _layers
-from . import probe as _probe
-from . import report as _report
-from . import similarity as _similarity
-from . import summary as _summary
+from fgscope.cli import advise as _advise
+from fgscope.cli import cam as _cam
+from fgscope.cli import dump as _dump
+from fgscope.cli import layers as _layers
+from fgscope.cli import probe as _probe
+from fgscope.cli import report as _report
+from fgscope.cli import similarity as _similarity
+from fgscope.cli import summary as _summary
 
 __all__ = ["app", "main"]
 
@@ -33,7 +33,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from fgscope import __version__
 
         typer.echo(f"fgscope {__version__}")
         raise typer.Exit()
@@ -53,7 +53,7 @@ def _root(
     Every command loads a model (a torchvision name or a file), runs it on CPU or CUDA, and
     records what each layer produced. Start with `fgscope summary` (no images needed).
     """
-    from ._common import set_verbose
+    from fgscope.cli._common import set_verbose
 
     set_verbose(verbose)
 

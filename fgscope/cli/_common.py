@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from ..errors import FgscopeError
+from fgscope.errors import FgscopeError
 
 __all__ = [
     "OutOpt",

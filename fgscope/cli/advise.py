@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ._common import (
+from fgscope.cli._common import (
     ArchOpt,
     DeviceOpt,
     DtypeOpt,
@@ -27,7 +27,7 @@ from ._common import (
     guarded,
     model_kwargs,
 )
-from .probe import CoarseMapOpt, PoolOpt, split_pools
+from fgscope.cli.probe import CoarseMapOpt, PoolOpt, split_pools
 
 __all__ = ["advise"]
 
@@ -81,8 +81,8 @@ def advise(
     """
     console = Console(highlight=False)
     with guarded():
-        from ..analysis.advise import AdviseConfig, run_advise
-        from ..device import tune_host_allocator
+        from fgscope.advise.run import AdviseConfig, run_advise
+        from fgscope.device import tune_host_allocator
 
         tune_host_allocator()
         config = AdviseConfig(

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ._common import (
+from fgscope.cli._common import (
     ArchOpt,
     DeviceOpt,
     LayersOpt,
@@ -76,8 +76,8 @@ def cam(
     """
     console = Console(highlight=False)
     with guarded():
-        from ..analysis.cam import CamConfig, run_cam
-        from ..device import tune_host_allocator
+        from fgscope.cam.run import CamConfig, run_cam
+        from fgscope.device import tune_host_allocator
 
         tune_host_allocator()
         config = CamConfig(

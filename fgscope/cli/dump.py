@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ._common import (
+from fgscope.cli._common import (
     ArchOpt,
     DeviceOpt,
     LayersOpt,
@@ -106,8 +106,8 @@ def dump(
     """
     console = Console(highlight=False)
     with guarded():
-        from ..analysis.dump import DumpConfig, parse_hw, parse_shard, run_dump
-        from ..device import tune_host_allocator
+        from fgscope.device import tune_host_allocator
+        from fgscope.dump.run import DumpConfig, parse_hw, parse_shard, run_dump
 
         tune_host_allocator()
         config = DumpConfig(
@@ -151,6 +151,6 @@ def dump_merge(
     """
     console = Console(highlight=False)
     with guarded():
-        from ..analysis.dump import merge_dump
+        from fgscope.dump.run import merge_dump
 
         merge_dump(dirs, console, verify=verify)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ._common import (
+from fgscope.cli._common import (
     ArchOpt,
     DeviceOpt,
     DtypeOpt,
@@ -88,8 +88,8 @@ def layers(
     """
     console = Console(highlight=False)
     with guarded():
-        from ..analysis.layers_run import LayersConfig, run_layers
-        from ..device import tune_host_allocator
+        from fgscope.device import tune_host_allocator
+        from fgscope.layers.run import LayersConfig, run_layers
 
         tune_host_allocator()
         config = LayersConfig(

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ._common import (
+from fgscope.cli._common import (
     ArchOpt,
     DeviceOpt,
     DtypeOpt,
@@ -94,8 +94,8 @@ def probe(
     """
     console = Console(highlight=False)
     with guarded():
-        from ..analysis.probe import ProbeConfig, run_probe
-        from ..device import tune_host_allocator
+        from fgscope.device import tune_host_allocator
+        from fgscope.probe import ProbeConfig, run_probe
 
         tune_host_allocator()
         config = ProbeConfig(

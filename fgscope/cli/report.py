@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ._common import (
+from fgscope.cli._common import (
     ArchOpt,
     DeviceOpt,
     DtypeOpt,
@@ -92,8 +92,8 @@ def report(
     """
     console = Console(highlight=False)
     with guarded():
-        from ..analysis.report import ReportConfig, run_report
-        from ..device import tune_host_allocator
+        from fgscope.device import tune_host_allocator
+        from fgscope.report.run import ReportConfig, run_report
 
         from_dirs = list(from_ or [])
         if from_dirs:  # `--from a b c`: the positional arguments are run folders too

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ._common import (
+from fgscope.cli._common import (
     ArchOpt,
     DeviceOpt,
     DtypeOpt,
@@ -87,8 +87,8 @@ def similarity(
     """
     console = Console(highlight=False)
     with guarded():
-        from ..analysis.similarity import SimilarityConfig, run_similarity
-        from ..device import tune_host_allocator
+        from fgscope.device import tune_host_allocator
+        from fgscope.similarity.run import SimilarityConfig, run_similarity
 
         tune_host_allocator()
         config = SimilarityConfig(

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from ._common import (
+from fgscope.cli._common import (
     ArchOpt,
     DeviceOpt,
     LayersOpt,
@@ -53,9 +53,9 @@ def summary(
     """
     console = Console(highlight=False)
     with guarded():
-        from ..analysis.summary import summarize
-        from ..device import resolve_device
-        from ..models import load_model
+        from fgscope.device import resolve_device
+        from fgscope.models import load_model
+        from fgscope.summary.compute import summarize
 
         dev = resolve_device(device)
         kwargs = model_kwargs(weights, arch, trust, size, num_classes=num_classes)
@@ -109,7 +109,7 @@ def _print_table(console: Console, result, loaded) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    from ..errors import OutputError
+    from fgscope.errors import OutputError
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

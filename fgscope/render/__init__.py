@@ -7,8 +7,8 @@ starts fast.
 
 from __future__ import annotations
 
-from .figures import ENERGY_LABEL, geometry_figure, hierarchy_figure, save_figure
-from .grid import (
+from fgscope.render.export import save_figure
+from fgscope.render.grid import (
     PNG_PARAMS,
     colorize,
     colormap_lut,
@@ -17,7 +17,7 @@ from .grid import (
     save_png,
     upsample_bilinear,
 )
-from .style import STYLE, figure_width, rc_params, style_context
+from fgscope.render.style import ENERGY_LABEL, STYLE, figure_width, rc_params, style_context
 
 __all__ = [
     "PNG_PARAMS",
@@ -27,8 +27,6 @@ __all__ = [
     "save_png",
     "label_font",
     "upsample_bilinear",
-    "hierarchy_figure",
-    "geometry_figure",
     "save_figure",
     "ENERGY_LABEL",
     "STYLE",

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .resample import _nearest_index, upsample_bilinear
-from .text import (
+from fgscope.render.resample import _nearest_index, upsample_bilinear
+from fgscope.render.text import (
     _PIXEL,
     _fmt,
     _line_height,

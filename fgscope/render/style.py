@@ -11,7 +11,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any
 
-__all__ = ["STYLE", "rc_params", "style_context", "figure_width"]
+__all__ = ["STYLE", "rc_params", "style_context", "figure_width", "ENERGY_LABEL"]
 
 STYLE: dict[str, Any] = {
     "font_size": 8.0,  # pt: tick labels, legends, notes
@@ -26,6 +26,9 @@ STYLE: dict[str, Any] = {
     "overlay_alpha": 0.6,  # weight of the colourised map over a photo
     "stage_colors": {"early": "#4c72b0", "middle": "#55a868", "late": "#dd8452"},
 }
+
+ENERGY_LABEL = "relative activation energy (per panel)"
+"""The colour bar label of every energy overlay (hierarchy figures, report)."""
 
 
 def rc_params() -> dict[str, Any]:

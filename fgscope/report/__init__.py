@@ -7,13 +7,13 @@
   folder's files (`cells` formats their values).
 - `fgscope.report.paper`: one figure style at 3.5 / 7 in, exported as PNG, PDF and SVG.
 
-The job that puts them together is `fgscope.analysis.report.run_report`.
+The job that puts them together is `fgscope.report.run.run_report`.
 """
 
 from __future__ import annotations
 
-from .html import Section, render_page
-from .paper import PAPER_WIDTHS, EnergyColumn
-from .runs import RunFolder, Runs, load_runs
+from fgscope.report.html import Section, render_page
+from fgscope.report.paper import PAPER_WIDTHS, EnergyColumn
+from fgscope.report.runs import RunFolder, Runs, load_runs
 
 __all__ = ["Section", "render_page", "PAPER_WIDTHS", "EnergyColumn", "RunFolder", "Runs", "load_runs"]

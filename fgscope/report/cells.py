@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .html import Cell, esc
+from fgscope.report.html import Cell, esc
 
 __all__ = ["fmt", "fmt_int", "sort_value", "stage_cell", "name_cell", "short_hash", "kv_table"]
 

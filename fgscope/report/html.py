@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..render.style import STYLE
+from fgscope.render.style import STYLE
 
 __all__ = [
     "Cell",

@@ -8,7 +8,7 @@ images, which stay raster inside vector files, so files stay small.
 
 - `hierarchy_paper`: the energy-over-image panels of `fgscope layers`' hierarchy.png, laid out
   for the width (columns wrap onto a second row at 3.5 in).
-- `geometry_paper`: `fgscope.render.geometry_figure` itself, resized to the width.
+- `geometry_paper`: `fgscope.layers.figures.geometry_figure` itself, resized to the width.
 - `probe_paper`, `similarity_paper`, `cam_paper`: from the JSON files of `fgscope probe`,
   `similarity` and `cam`.
 - `export`: `fgscope.render.save_figure` in every requested format at print resolution.
@@ -24,8 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..render import ENERGY_LABEL, STYLE, colorize, save_figure, style_context, upsample_bilinear
+from fgscope.errors import ConfigError
+from fgscope.render import (
+    ENERGY_LABEL,
+    STYLE,
+    colorize,
+    save_figure,
+    style_context,
+    upsample_bilinear,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -212,7 +219,7 @@ def _titled_panels(
 def _overlay(base: np.ndarray, energy: np.ndarray) -> np.ndarray:
     """`(H, W, 3)` uint8 photo and `(h, w)` energy -> the energy, 0..1 per panel, over it.
 
-    The same picture as `fgscope.render.hierarchy_figure`: bilinear upsampling, min..max
+    The same picture as `fgscope.layers.figures.hierarchy_figure`: bilinear upsampling, min..max
     scaling within the panel, `STYLE["cmap"]` blended at `STYLE["overlay_alpha"]`.
     """
     up = upsample_bilinear(np.asarray(energy, np.float32), base.shape[:2])  # (H, W)
@@ -265,8 +272,8 @@ def hierarchy_paper(
 
 
 def geometry_paper(rows: Sequence[dict], input_size: Sequence[int], width_in: float) -> Figure:
-    """`fgscope.render.geometry_figure` at a paper width (its constrained layout reflows)."""
-    from ..render import geometry_figure
+    """`fgscope.layers.figures.geometry_figure` at a paper width (its constrained layout reflows)."""
+    from fgscope.layers.figures import geometry_figure
 
     fig = geometry_figure(rows, (int(input_size[0]), int(input_size[1])))
     fig.set_size_inches(width_in, 5.6 if width_in >= 5 else 4.8)

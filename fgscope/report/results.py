@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cells import fmt, fmt_int, kv_table, name_cell, sort_value, stage_cell
-from .html import Cell, Section, cite, esc, img_html, inline, table_html
-from .runs import RunFolder, read_json
+from fgscope.report.cells import fmt, fmt_int, kv_table, name_cell, sort_value, stage_cell
+from fgscope.report.html import Cell, Section, cite, esc, img_html, inline, table_html
+from fgscope.report.runs import RunFolder, read_json
 
 __all__ = ["cam_section", "probe_section", "advice_section", "similarity_section", "dump_section"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from fgscope.errors import ConfigError
 
 __all__ = ["RUN_KINDS", "RunFolder", "Runs", "load_runs", "read_json"]
 

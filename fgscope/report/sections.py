@@ -13,11 +13,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..analysis.stages import last_at_each_resolution
-from ..errors import ConfigError
-from .cells import fmt, fmt_int, kv_table, name_cell, short_hash, sort_value, stage_cell
-from .html import Cell, Section, cite, esc, img_html, table_html
-from .runs import RunFolder, Runs, read_json
+from fgscope.errors import ConfigError
+from fgscope.report.cells import (
+    fmt,
+    fmt_int,
+    kv_table,
+    name_cell,
+    short_hash,
+    sort_value,
+    stage_cell,
+)
+from fgscope.report.html import Cell, Section, cite, esc, img_html, table_html
+from fgscope.report.runs import RunFolder, Runs, read_json
+from fgscope.stages import last_at_each_resolution
 
 __all__ = [
     "summary_section",
@@ -216,8 +224,8 @@ def table_section(run: RunFolder) -> Section:
 def stage_layers(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The last recorded map at each resolution (the hierarchy figure's columns), as rows.
 
-    The rule of `fgscope.analysis.layers_run.hierarchy_columns`, on JSON rows
-    (`fgscope.analysis.stages` imports no torch, so `report --from` stays fast).
+    The rule of `fgscope.layers.run.hierarchy_columns`, on JSON rows
+    (`fgscope.stages` imports no torch, so `report --from` stays fast).
     """
     return [rows[i] for i in last_at_each_resolution([r.get("spatial") for r in rows])]
 

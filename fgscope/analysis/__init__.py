@@ -1,1 +1,0 @@
-"""Analyses built on capture and geometry: the model summary, the abstraction table, ..."""

@@ -1,0 +1,25 @@
+"""`fgscope cam`: Grad-CAM at every stage.
+
+- `compute`: classes, gradients and maps (`compute_cams`).
+- `run`: the command's job and files.
+- `figure`: the panels beside the image.
+"""
+
+from __future__ import annotations
+
+from fgscope._lazy import lazy_exports
+
+_EXPORTS = {
+    "ClassRef": "run",
+    "CamLayer": "run",
+    "CamResult": "run",
+    "grad_cam": "run",
+    "resolve_class": "run",
+    "compute_cams": "run",
+    "cam_overlay": "run",
+    "cam_figure": "run",
+    "CamConfig": "run",
+    "run_cam": "run",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,26 @@
+"""`fgscope similarity`: layer-by-layer linear CKA, within a model or against another.
+
+- `cka`: centred Grams and their minibatch accumulation.
+- `compute`: `compute_similarity`, streaming the images through one or two models.
+- `run`: the command's job, its files and console table.
+- `figure`: the CKA heatmap.
+"""
+
+from __future__ import annotations
+
+from fgscope._lazy import lazy_exports
+
+_EXPORTS = {
+    "MIN_IMAGES": "run",
+    "LayerPlace": "run",
+    "locate_layers": "run",
+    "centered_gram": "run",
+    "CkaAccumulator": "run",
+    "SimilarityResult": "run",
+    "compute_similarity": "run",
+    "similarity_figure": "run",
+    "SimilarityConfig": "run",
+    "run_similarity": "run",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

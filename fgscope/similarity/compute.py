@@ -1,0 +1,324 @@
+"""Running one model, or two, over images for `fgscope similarity`: where the selected layers
+are (`locate_layers`) and the CKA between them (`compute_similarity`, with the Grams of
+`similarity_cka`). No files are written here (see `fgscope.similarity.run`)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from fgscope.capture import LayerRecord, LayerSpec, capture, select_layers
+from fgscope.device import autocast, resolve_device, resolve_dtype, to_device
+from fgscope.errors import ConfigError, ImageError, LayerNotFoundError, ModelRunError
+from fgscope.forward import forward
+from fgscope.geometry import LayerGeometry, trace_geometry
+from fgscope.images import ImageFailure, LoadedImage, load_inputs
+from fgscope.models import LoadedModel, Preprocess, load_model
+from fgscope.similarity.cka import CkaAccumulator, centered_gram
+from fgscope.stages import assign_stages
+
+__all__ = [
+    "MIN_IMAGES",
+    "LayerPlace",
+    "locate_layers",
+    "SimilarityResult",
+    "compute_similarity",
+]
+
+MIN_IMAGES = 4
+"""The debiased estimator needs n >= 4 (and with n = 2 linear CKA is identically 1)."""
+
+
+# --- where the layers are ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerPlace:
+    """Geometry and stage of one recorded layer.
+
+    Attributes:
+        name: record name (`features.3`, `layer1.0.relu:2`).
+        geometry: stride and receptive field, None when unknown.
+        stage: `early`, `middle` or `late` among *all* layers of the model (the rule of
+            `fgscope.stages` applied to every leaf call plus the selection).
+    """
+
+    name: str
+    geometry: LayerGeometry | None
+    stage: str
+
+    @property
+    def stride(self) -> float | None:
+        g = self.geometry
+        return float(max(g.stride)) if g is not None and g.spatial else None
+
+    @property
+    def rf(self) -> float | None:
+        return float(max(self.geometry.rf)) if self.geometry is not None else None
+
+
+def locate_layers(
+    module: nn.Module, example_input: Tensor, selected: Sequence[str]
+) -> dict[str, LayerPlace]:
+    """Geometry and stage of every record of the `selected` modules, in execution order.
+
+    Stages are assigned over all leaf calls of the model, so a layer gets the same stage
+    whichever subset is selected.
+    """
+    geo, _ = trace_geometry(module, example_input, ["all", *selected])
+    names = list(geo)
+    stages = assign_stages(
+        [max(g.stride) if g is not None and g.spatial else None for g in geo.values()],
+        [g is None or g.spatial for g in geo.values()],
+    )
+    return {n: LayerPlace(n, geo[n], s) for n, s in zip(names, stages)}
+
+
+# --- running models over images -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimilarityResult:
+    """What `compute_similarity` measured.
+
+    Attributes:
+        layers_x, layers_y: record names of MODEL (rows) and of the --vs model (columns; the
+            same as `layers_x` without --vs), in execution order.
+        places_x, places_y: geometry and stage of each of those layers.
+        cka: (len(layers_x), len(layers_y)) linear CKA (float64, CPU; NaN: constant layer).
+        cka_debiased: the same with unbiased HSIC.
+        method: `minibatch` or `full`.
+        batch_size: images per batch (batches are split evenly: each holds at least this many).
+        n_batches: batches accumulated (1 for `full`).
+        images, failures: the images used, and those that could not be read.
+        model, vs_model: the models (vs_model None without --vs).
+        vs_preprocess: `own` when the --vs model used its own preprocessing, `shared` when it
+            was fed MODEL's inputs (it brought none of its own); None without --vs.
+        device, dtype: where and in what precision the forwards ran.
+        notes: remarks for the user (fallbacks, skipped layers).
+    """
+
+    layers_x: list[str]
+    layers_y: list[str]
+    places_x: list[LayerPlace]
+    places_y: list[LayerPlace]
+    cka: Tensor
+    cka_debiased: Tensor
+    method: str
+    batch_size: int
+    n_batches: int
+    images: list[LoadedImage]
+    failures: list[ImageFailure]
+    model: LoadedModel
+    vs_model: LoadedModel | None
+    vs_preprocess: str | None
+    device: str
+    dtype: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+    def diagonal(self) -> list[dict[str, Any]]:
+        """With --vs: CKA between same-named layers of both models, largest drop first
+        (ascending debiased CKA; undefined values last). Empty without --vs."""
+        if self.vs_model is None:
+            return []
+        col = {n: j for j, n in enumerate(self.layers_y)}
+        rows = []
+        for i, name in enumerate(self.layers_x):
+            if name not in col:
+                continue
+            j = col[name]
+            c, d = _num(self.cka[i, j]), _num(self.cka_debiased[i, j])
+            rows.append({
+                "layer": name, "cka": c, "cka_debiased": d,
+                "drop": None if d is None else 1.0 - d,
+                "stage": self.places_x[i].stage, "index": i,
+            })
+        return sorted(rows, key=lambda r: (r["cka_debiased"] is None, r["cka_debiased"] or 0.0))
+
+
+def _num(v: Any) -> float | None:
+    f = float(v)
+    return None if math.isnan(f) else f
+
+
+def _has_own_preprocess(lm: LoadedModel) -> bool:
+    """True when the preprocessing came with the weights (torchvision weights' transforms)."""
+    return lm.source.kind == "torchvision" and lm.source.weights is not None
+
+
+@dataclass
+class _Side:
+    """One model's part of the run: what to record and what was recorded for this batch."""
+
+    lm: LoadedModel
+    preprocess: Preprocess
+    selected: list[str]
+    places: dict[str, LayerPlace]
+    names: list[str] = field(default_factory=list)  # record names, fixed by the first batch
+    grams: dict[str, Tensor] = field(default_factory=dict)  # this batch
+    feats: dict[str, Tensor] = field(default_factory=dict)  # `full`: (n, p) of every image
+
+    def run(
+        self, images: Sequence[Image.Image], dev: torch.device, dt: torch.dtype,
+        keep: tuple[int, int] | None = None,
+    ) -> None:
+        """Forward one batch; store each layer's centred Gram, or with `keep=(offset, n)`
+        its features in rows offset.. of an (n, p) float32 CPU buffer per layer."""
+        x = to_device(torch.stack([self.preprocess(im) for im in images]), dev)
+        self.grams = {}
+        seen: list[str] = []
+
+        def on_record(rec: LayerRecord) -> None:
+            seen.append(rec.name)
+            if keep is not None:  # `full`: every image's features, for the n x n Gram
+                flat = rec.tensor.detach().reshape(len(rec.tensor), -1)
+                buf = self.feats.get(rec.name)
+                if buf is None:
+                    buf = self.feats[rec.name] = torch.empty(keep[1], flat.shape[1])
+                buf[keep[0] : keep[0] + len(flat)] = flat  # a copy, before any in-place op
+            else:
+                self.grams[rec.name] = centered_gram(rec.tensor.detach())
+
+        module = self.lm.module
+        with capture(module, self.selected, on_record=on_record, to=None), autocast(dev, dt):
+            forward(module, x)
+        if not self.names:
+            self.names = seen
+        elif seen != self.names:
+            raise ModelRunError(
+                "the model recorded different layers for different batches "
+                f"({', '.join(seen[:4])} vs {', '.join(self.names[:4])})",
+                "select layers that run on every forward",
+            )
+
+
+def _prepare(
+    lm: LoadedModel, preprocess: Preprocess, layers: LayerSpec, first: Image.Image,
+    dev: torch.device, what: str,
+) -> _Side:
+    lm.module.to(dev)
+    example = preprocess(first)[None].to(dev)
+    try:
+        selected = list(select_layers(lm.module, layers, example))
+    except LayerNotFoundError as exc:
+        raise LayerNotFoundError(f"{what}: {exc.message}", hint=exc.hint) from None
+    return _Side(lm, preprocess, selected, locate_layers(lm.module, example, selected))
+
+
+def _batches(n: int, batch_size: int, minibatch: bool) -> tuple[str, list[np.ndarray]]:
+    """`minibatch` with n // batch_size even batches (each >= batch_size) when there are
+    at least two, else `full` in forward batches of batch_size."""
+    if minibatch and n >= 2 * batch_size:
+        return "minibatch", np.array_split(np.arange(n), n // batch_size)
+    return "full", [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def compute_similarity(
+    model: LoadedModel | nn.Module | str,
+    images: Sequence[str | os.PathLike | Image.Image],
+    layers: LayerSpec = "stages",
+    *,
+    vs: LoadedModel | nn.Module | str | None = None,
+    batch_size: int = 32,
+    minibatch: bool = True,
+    device: str = "cpu",
+    dtype: str = "float32",
+    progress: Callable[[int, int], None] | None = None,
+) -> SimilarityResult:
+    """Linear CKA (biased and debiased) between the selected layers of `model`, or between
+    those of `model` (rows) and of `vs` (columns), on the same images.
+
+    Args:
+        model, vs: `LoadedModel`s, modules, or specs for `fgscope.load_model`.
+        images: at least 4 paths, folders, globs or PIL images.
+        layers: selection as in `fgscope.capture`, applied to both models.
+        batch_size: images per forward and per CKA minibatch (>= 4).
+        minibatch: accumulate over batches (Nguyen et al. 2021); False, or fewer than two
+            batches of images, computes CKA on all images at once (`full`).
+        device, dtype: where and how the forwards run.
+        progress: called as `progress(done, total)` after each batch.
+
+    Raises:
+        ImageError: fewer than 4 images could be read.
+        LayerNotFoundError: an unknown layer, before any forward.
+        ConfigError: batch_size < 4.
+    """
+    if batch_size < 4:
+        raise ConfigError(f"--batch-size must be at least 4 for CKA, got {batch_size}")
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    vlm = None if vs is None else vs if isinstance(vs, LoadedModel) else load_model(vs)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    sizes = [m.preprocess.resize_size for m in (lm, vlm) if m is not None and m.preprocess.resize_size]
+    loaded, failures = load_inputs(images, resize_size=max(sizes, default=None))
+    if len(loaded) < MIN_IMAGES:
+        bad = f" ({len(failures)} could not be read)" if failures else ""
+        raise ImageError(
+            f"similarity needs at least {MIN_IMAGES} images, got {len(loaded)}{bad}",
+            "pass a folder of images: CKA compares how layers represent a set of inputs",
+        )
+    pics = [li.image for li in loaded]
+    x_side = _prepare(lm, lm.preprocess, layers, pics[0], dev, "MODEL")
+    sides = [x_side]
+    vs_pre = None
+    if vlm is not None:
+        own = _has_own_preprocess(vlm)
+        vs_pre = "own" if own else "shared"
+        sides.append(
+            _prepare(vlm, vlm.preprocess if own else lm.preprocess, layers, pics[0], dev, "--vs model")
+        )
+    n = len(loaded)
+    # A static-batch .pt2 takes at most `cap` images per forward: `full` CKA, whose rows are
+    # filled forward by forward, in forwards of at most `cap` images.
+    cap = min((m.max_batch for m in (lm, vlm) if m is not None and m.max_batch), default=None)
+    method, batches = _batches(n, batch_size, minibatch and cap is None)
+    if cap is not None:
+        batches = [part for idx in batches for part in np.array_split(idx, -(-len(idx) // cap))]
+    notes = [f"at most {cap} image(s) per forward: CKA computed on all {n} at once"] if cap else []
+    if method == "full" and minibatch and cap is None:
+        notes.append(
+            f"{n} images are fewer than two batches of {batch_size}: CKA computed on all "
+            f"{n} at once (n x n Grams) instead of in minibatches"
+        )
+    acc: CkaAccumulator | None = None
+    for done, idx in enumerate(batches, 1):
+        batch = [pics[i] for i in idx]
+        for side in sides:
+            side.run(batch, dev, dt, keep=(int(idx[0]), n) if method == "full" else None)
+        if method == "minibatch":
+            kx = [x_side.grams[nm] for nm in x_side.names]
+            ky = [sides[1].grams[nm] for nm in sides[1].names] if len(sides) > 1 else None
+            if acc is None:
+                acc = CkaAccumulator(len(kx), None if ky is None else len(ky))
+            acc.update(kx, ky)
+        if progress is not None:
+            progress(done, len(batches))
+    if method == "full":
+        grams = [[centered_gram(s.feats[nm]) for nm in s.names] for s in sides]
+        for s in sides:
+            s.feats.clear()
+        acc = CkaAccumulator(len(grams[0]), None if len(sides) == 1 else len(grams[1]))
+        acc.update(grams[0], grams[1] if len(sides) > 1 else None)
+    assert acc is not None
+    cka, cka_u = acc.compute()
+    y_side = sides[-1]
+    return SimilarityResult(
+        layers_x=x_side.names, layers_y=y_side.names,
+        places_x=[x_side.places[nm] for nm in x_side.names],
+        places_y=[y_side.places[nm] for nm in y_side.names],
+        cka=cka, cka_debiased=cka_u, method=method,
+        batch_size=batch_size, n_batches=acc.batches, images=loaded, failures=failures,
+        model=lm, vs_model=vlm, vs_preprocess=vs_pre, device=str(dev),
+        dtype=str(dt).removeprefix("torch."), notes=tuple(notes),
+    )
