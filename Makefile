@@ -47,6 +47,7 @@ sysdeps:
 	fi
 
 test: $(STAMP) sysdeps
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
@@ -62,6 +63,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fgscope tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) fgscope-out .pytest_cache

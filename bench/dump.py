@@ -115,7 +115,7 @@ def bench_torchlens(arch: str, folder: Path, tmp: Path, batch: int) -> None:
     except ImportError:
         print(f"{arch:<13} TorchLens: not installed")
         return
-    from fgscope.capture import select_layers
+    from fgscope.selection import select_layers
 
     plain = plain_loop(arch, folder, batch, workers=0)
     lm = _model(arch)

@@ -20,7 +20,7 @@ _LAZY = {
     "load_model": "fgscope.models",
     "LoadedModel": "fgscope.models",
     "capture": "fgscope.capture",
-    "select_layers": "fgscope.capture",
+    "select_layers": "fgscope.selection",
     "LayerRecord": "fgscope.capture",
     "trace_geometry": "fgscope.geometry",
     "summarize": "fgscope.summary.compute",

@@ -9,6 +9,9 @@ appends one `LayerRecord` per call of each selected module, in execution order:
         model(x)
     rec.records  # [LayerRecord(name="features.3", ...), ...]
 
+Which modules a selection means (`all`, `blocks`, `stages`, names, globs, regexes) is decided
+in `fgscope.selection`, before anything runs; its names are re-exported here.
+
 Correctness guarantees, each covered by tests:
 - a module called twice in one forward gives two records, `relu` and `relu:2`;
 - a record holds the value at the moment the module produced it. Later in-place operations
@@ -25,12 +28,9 @@ Correctness guarantees, each covered by tests:
 from __future__ import annotations
 
 import contextlib
-import difflib
-import fnmatch
-import re
 import sys
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,27 +38,19 @@ import torch
 from torch import nn
 
 from fgscope._inplace import CopyOnWrite, storage_key
-from fgscope.errors import ConfigError, LayerNotFoundError
-from fgscope.forward import forward
-from fgscope.stages import last_at_each_resolution
+from fgscope.selection import LayerSpec, block_modules, leaf_modules, select_layers
 
 __all__ = [
     "LayerRecord",
     "Recorder",
     "capture",
+    "first_tensor",
+    # re-exported from fgscope.selection
     "select_layers",
     "leaf_modules",
     "block_modules",
     "LayerSpec",
-    "first_tensor",
 ]
-
-LayerSpec = str | Sequence[str] | None
-"""`all`, `blocks`, `stages`, exact names, globs (`layer*`) and regexes (`re:^layer[12]$`),
-one string comma-separated or a sequence of strings."""
-
-_PURE_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-_LIST_HINT = "run `fgscope summary MODEL --layers all` to list every layer name"
 
 
 @dataclass(frozen=True)
@@ -120,137 +112,6 @@ class Recorder:
 
     def clear(self) -> None:
         self.records.clear()
-
-
-# --- layer selection ---------------------------------------------------------------------
-
-
-def _hookable(model: nn.Module) -> dict[str, nn.Module]:
-    """Named modules that accept forward hooks: everything but ScriptModules (torch refuses
-    hooks on them) and what lies inside them."""
-    out: dict[str, nn.Module] = {}
-    opaque: list[str] = []
-    for name, m in model.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in opaque):
-            continue
-        if isinstance(m, torch.jit.ScriptModule):
-            opaque.append(name)
-            continue
-        out[name] = m
-    return out
-
-
-def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Hookable modules without hookable children, by qualified name (the model itself if it
-    has none; its record is named `output`)."""
-    named = _hookable(model)
-    hookable = {id(m) for m in named.values()}
-    leaves = {
-        n: m for n, m in named.items() if n and not any(id(c) in hookable for c in m.children())
-    }
-    return leaves or {"": model}
-
-
-def block_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's building blocks: walking down from the root through pure containers
-    (`nn.Sequential`, `nn.ModuleList`, `nn.ModuleDict`, not their subclasses), the first
-    module that is a leaf or a module of its own class (a ResNet `BasicBlock`, an
-    `InvertedResidual`, a `Conv2dNormActivation`)."""
-    out: dict[str, nn.Module] = {}
-
-    def walk(prefix: str, module: nn.Module) -> None:
-        for name, child in module.named_children():
-            qual = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, torch.jit.ScriptModule):
-                continue
-            if type(child) in _PURE_CONTAINERS:
-                walk(qual, child)
-            else:
-                out[qual] = child
-
-    walk("", model)
-    return out or {"": model}
-
-
-def _split_spec(layers: LayerSpec) -> list[str]:
-    if layers is None:
-        return ["all"]
-    items = [layers] if isinstance(layers, str) else list(layers)
-    parts = [p.strip() for item in items for p in item.split(",")]
-    parts = [p for p in parts if p]
-    if not parts:
-        raise ConfigError("empty layer selection", hint="use all, blocks, stages or names")
-    return parts
-
-
-def _stage_names(model: nn.Module, example_input: torch.Tensor | None) -> list[str]:
-    """The last block at each spatial resolution, found with one forward of `example_input`."""
-    if example_input is None:
-        raise ConfigError(
-            "the `stages` selection needs an example input to find where the resolution changes"
-        )
-    blocks = block_modules(model)
-    seen: list[tuple[str, tuple[int, int]]] = []
-
-    def on_record(rec: LayerRecord) -> None:
-        t = rec.tensor
-        if rec.key is None and t.dim() == 4:
-            seen.append((rec.module_name, (int(t.shape[-2]), int(t.shape[-1]))))
-
-    with capture(model, list(blocks), on_record=on_record, to=None):
-        forward(model, example_input)
-    last = last_at_each_resolution([hw for _, hw in seen])
-    return list(dict.fromkeys(seen[i][0] for i in last))
-
-
-def select_layers(
-    model: nn.Module, layers: LayerSpec = "all", example_input: torch.Tensor | None = None
-) -> dict[str, nn.Module]:
-    """Resolve a layer selection to modules, by qualified name, before anything runs.
-
-    Args:
-        model: the model.
-        layers: see `LayerSpec`. `stages` needs `example_input` (one dummy forward).
-        example_input: an input batch, only used for `stages`.
-
-    Returns:
-        Selected modules in the model's definition order.
-
-    Raises:
-        LayerNotFoundError: a name or pattern matches no module; close matches are listed.
-    """
-    named = _hookable(model)
-    chosen: set[str] = set()
-    for item in _split_spec(layers):
-        low = item.lower()
-        if low == "all":
-            chosen.update(leaf_modules(model))
-        elif low == "blocks":
-            chosen.update(block_modules(model))
-        elif low == "stages":
-            chosen.update(_stage_names(model, example_input))
-        elif item.startswith("re:") or (len(item) > 2 and item[0] == item[-1] == "/"):
-            pattern = item[3:] if item.startswith("re:") else item[1:-1]
-            try:
-                rx = re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"invalid regular expression {pattern!r}: {exc}") from None
-            hits = [n for n in named if n and rx.search(n)]
-            if not hits:
-                raise LayerNotFoundError(f"regex {pattern!r} matches no layer", hint=_LIST_HINT)
-            chosen.update(hits)
-        elif any(c in item for c in "*?["):
-            hits = [n for n in named if n and fnmatch.fnmatchcase(n, item)]
-            if not hits:
-                raise LayerNotFoundError(f"pattern {item!r} matches no layer", hint=_LIST_HINT)
-            chosen.update(hits)
-        elif item in named:
-            chosen.add(item)
-        else:
-            close = difflib.get_close_matches(item, [n for n in named if n], n=5, cutoff=0.5)
-            found = f"; did you mean {', '.join(close)}?" if close else ""
-            raise LayerNotFoundError(f"no layer named {item!r} in the model{found}", hint=_LIST_HINT)
-    return {n: m for n, m in named.items() if n in chosen}
 
 
 # --- hooks -------------------------------------------------------------------------------
@@ -385,7 +246,8 @@ def capture(
     Args:
         model: any `nn.Module`; it is not changed (hooks removed, `training` and
             `requires_grad` restored on exit, also when the body raises).
-        layers: which modules to record (`LayerSpec`); resolved before anything runs.
+        layers: which modules to record (`LayerSpec`, see `fgscope.selection`); resolved
+            before anything runs.
         to: where kept records live: `"cpu"` (default), a device, or None to leave them on
             the device that produced them.
         on_record: stream each record to this callback instead of keeping it. The tensor is

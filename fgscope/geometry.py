@@ -38,8 +38,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from fgscope.capture import LayerRecord, LayerSpec, capture
+from fgscope.capture import LayerRecord, capture
 from fgscope.forward import forward
+from fgscope.selection import LayerSpec
 
 __all__ = ["Axis", "LayerGeometry", "trace_geometry", "count_macs"]
 
@@ -373,7 +374,7 @@ def trace_geometry(
     Args:
         model: the model (not changed).
         example_input: `(N, C, H, W)`; only its spatial size matters.
-        layers: selection as in `capture`.
+        layers: selection as in `fgscope.selection`.
         on_record: also called with each record (streamed, not kept) and its geometry.
 
     Returns:

@@ -35,10 +35,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
-import typer
 from PIL import Image, ImageDraw
 
 from fgscope.errors import ConfigError, OutputError
@@ -53,7 +51,6 @@ __all__ = [
     "coarse_map",
     "render_example",
     "generate",
-    "main",
 ]
 
 SHAPES = ("circle", "square", "triangle")
@@ -281,38 +278,9 @@ def generate(
     return SyntheticSet(root, tuple(classes), cmap, n, root / "coarse_map.json")
 
 
-def main(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write (ImageFolder layout).")],
-    per_class: Annotated[
-        int, typer.Option("--per-class", help="Images per fine class (12 classes).")
-    ] = 40,
-    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 224,
-    seed: Annotated[int, typer.Option("--seed", help="The same seed gives the same images.")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty folder.")] = False,
-) -> None:
-    """Write the synthetic fine-grained set: coarse label = shape, fine = shape + small spot.
+if __name__ == "__main__":  # `python -m fgscope.synthetic OUT`: the `fgscope synthetic` command
+    import sys
 
-    12 fine classes (circle/square/triangle x stripes/dots spot x top-left/bottom-right) in
-    ImageFolder layout, plus coarse_map.json for `fgscope probe --coarse-map`.
-    """
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from fgscope.cli import app
 
-    from fgscope.cli._common import guarded
-
-    console = Console(highlight=False)
-    with guarded():
-        with Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("images", total=12 * max(per_class, 0))
-            ds = generate(out_dir, per_class=per_class, size=size, seed=seed, overwrite=overwrite,
-                          on_image=lambda: bar.advance(task))
-        console.print(
-            f"wrote {ds.n_images} images ({len(ds.classes)} fine classes, {len(SHAPES)} coarse) "
-            f"to [bold]{escape(str(ds.root))}[/] and {ds.coarse_map_path.name}"
-        )
-
-
-if __name__ == "__main__":
-    typer.run(main)
+    app(["synthetic", *sys.argv[1:]], prog_name="python -m fgscope.synthetic")

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from conftest import run
 
-from fgscope.advise.run import make_advice
+from fgscope.advise.rules import make_advice
 from fgscope.errors import ConfigError
 from fgscope.synthetic import generate
 

@@ -12,7 +12,7 @@ from conftest import assert_one_line_error, run
 from PIL import Image
 from torch import nn
 
-from fgscope.cam.run import ClassRef, compute_cams, grad_cam, resolve_class
+from fgscope.cam.compute import ClassRef, compute_cams, grad_cam, resolve_class
 from fgscope.errors import ConfigError, LayerNotFoundError
 from fgscope.models import load_model
 

@@ -1,4 +1,4 @@
-"""capture: exact records for every call, structured outputs, selection, clean-up."""
+"""capture: exact records for every call, structured outputs, clean-up (selection: test_selection.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import torchvision
 from conftest import TinyNet, TupleNet, reference_records
 from torch import nn
 
-from fgscope.capture import block_modules, capture, leaf_modules, select_layers
-from fgscope.errors import ConfigError, LayerNotFoundError
+from fgscope.capture import capture
+from fgscope.errors import LayerNotFoundError
+from fgscope.selection import leaf_modules
 
 
 def _no_hooks(model: nn.Module) -> bool:
@@ -157,44 +158,6 @@ def test_unknown_layer_fails_before_running(tiny):
     assert "block.conv3" in msg and "block.conv1" in msg and "fgscope summary" in msg
     assert "\n" not in msg
     assert not calls
-
-
-@pytest.mark.parametrize("spec", ["nothing*", "re:^zzz", "/^zzz/"])
-def test_patterns_that_match_nothing_fail(tiny, spec):
-    with pytest.raises(LayerNotFoundError):
-        select_layers(tiny, spec)
-
-
-def test_bad_regex_and_empty_spec(tiny):
-    with pytest.raises(ConfigError):
-        select_layers(tiny, "re:(")
-    with pytest.raises(ConfigError):
-        select_layers(tiny, " , ")
-
-
-def test_selection_kinds(tiny):
-    assert list(select_layers(tiny, "block.*")) == [
-        "block.conv1", "block.bn1", "block.relu", "block.conv2", "block.bn2",
-    ]
-    assert list(select_layers(tiny, "re:^(stem|down)$")) == ["stem", "down"]
-    assert list(select_layers(tiny, ["fc", "stem.0"])) == ["stem.0", "fc"]
-    assert list(select_layers(tiny, "block")) == ["block"]
-    assert list(block_modules(tiny)) == ["stem.0", "stem.1", "stem.2", "block", "down", "act", "pool", "fc"]
-
-
-def test_blocks_and_stages_on_torchvision():
-    model = torchvision.models.resnet18(weights=None).eval()
-    blocks = list(block_modules(model))
-    assert blocks[:6] == ["conv1", "bn1", "relu", "maxpool", "layer1.0", "layer1.1"]
-    assert blocks[-2:] == ["avgpool", "fc"]
-    x = torch.zeros(1, 3, 224, 224)
-    assert list(select_layers(model, "stages", x)) == ["relu", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
-    mnv2 = torchvision.models.mobilenet_v2(weights=None).eval()
-    assert list(select_layers(mnv2, "stages", x)) == [
-        "features.1", "features.3", "features.6", "features.13", "features.18",
-    ]
-    with pytest.raises(ConfigError):
-        select_layers(model, "stages")
 
 
 def test_streaming_keeps_nothing_and_sees_exact_values(tiny, tiny_input):

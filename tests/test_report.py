@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from fgscope.cli import app
 from fgscope.errors import ConfigError
 from fgscope.report import html as page_html
-from fgscope.report import paper, runs, sections
+from fgscope.report import panels, paper, plots, runs, sections
 from fgscope.report.run import ReportConfig, load_hierarchy, run_report
 
 runner = CliRunner()
@@ -383,19 +383,19 @@ def test_paper_options_and_layout():
             paper.parse_formats(bad)
     with pytest.raises(ConfigError, match="--width 'triple'"):
         paper.paper_width("triple")
-    assert paper._panel_grid(6, 7.0)[0] == 6 and paper._panel_grid(6, 3.5)[0] == 3
-    assert paper._panel_grid(5, 3.5)[0] == 3  # 3 + 2, not 4 + 1
+    assert panels._panel_grid(6, 7.0)[0] == 6 and panels._panel_grid(6, 3.5)[0] == 3
+    assert panels._panel_grid(5, 3.5)[0] == 3  # 3 + 2, not 4 + 1
 
 
 def test_hierarchy_paper_checks_shapes_and_constant_maps():
     img = np.zeros((32, 32, 3), np.uint8)
-    col = paper.EnergyColumn("a", 2.0, 7.0, "early", np.ones((1, 4, 4), np.float32))
-    fig = paper.hierarchy_paper([img], [col], 3.5)  # a constant map: no division by zero
+    col = panels.EnergyColumn("a", 2.0, 7.0, "early", np.ones((1, 4, 4), np.float32))
+    fig = panels.hierarchy_paper([img], [col], 3.5)  # a constant map: no division by zero
     assert fig.get_size_inches()[0] == pytest.approx(3.5)
     with pytest.raises(ValueError, match="must be"):
-        paper.hierarchy_paper([img], [paper.EnergyColumn("b", 2, 7, "early", np.ones((4, 4)))], 3.5)
+        panels.hierarchy_paper([img], [panels.EnergyColumn("b", 2, 7, "early", np.ones((4, 4)))], 3.5)
     with pytest.raises(ValueError, match="cka"):
-        paper.similarity_paper({"cka": [[1]], "layers_x": ["a", "b"], "layers_y": ["a"]}, 7.0)
+        plots.similarity_paper({"cka": [[1]], "layers_x": ["a", "b"], "layers_y": ["a"]}, 7.0)
 
 
 # --- bad input ---------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from fgscope._lazy import lazy_exports
 
 _EXPORTS = {
     "AdviseConfig": "run",
-    "Advice": "run",
-    "make_advice": "run",
+    "Advice": "rules",
+    "make_advice": "rules",
     "run_advise": "run",
 }
 __all__ = list(_EXPORTS)

@@ -10,14 +10,14 @@ from __future__ import annotations
 from fgscope._lazy import lazy_exports
 
 _EXPORTS = {
-    "ClassRef": "run",
-    "CamLayer": "run",
-    "CamResult": "run",
-    "grad_cam": "run",
-    "resolve_class": "run",
-    "compute_cams": "run",
-    "cam_overlay": "run",
-    "cam_figure": "run",
+    "ClassRef": "compute",
+    "CamLayer": "compute",
+    "CamResult": "compute",
+    "grad_cam": "compute",
+    "resolve_class": "compute",
+    "compute_cams": "compute",
+    "cam_overlay": "figure",
+    "cam_figure": "figure",
     "CamConfig": "run",
     "run_cam": "run",
 }

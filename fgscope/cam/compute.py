@@ -17,13 +17,14 @@ from PIL import Image
 from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
-from fgscope.capture import LayerRecord, capture, first_tensor, select_layers
+from fgscope.capture import LayerRecord, capture, first_tensor
 from fgscope.device import resolve_device
 from fgscope.errors import ConfigError
 from fgscope.forward import forward
 from fgscope.images import default_image, load_image
 from fgscope.models import LoadedModel, load_model
-from fgscope.similarity.compute import locate_layers
+from fgscope.places import locate_layers
+from fgscope.selection import select_layers
 
 __all__ = [
     "ClassRef",
@@ -222,7 +223,7 @@ def compute_cams(
     Args:
         model: a `LoadedModel` or a spec for `fgscope.load_model`.
         image: a path or PIL image; None = the sample photo.
-        layers: selection as in `fgscope.capture` (layers without spatial maps are skipped).
+        layers: selection as in `fgscope.selection` (layers without spatial maps are skipped).
         target: class index or name; default: the top-1 prediction. Not with `contrast`.
         contrast: (A, B): explain logit_A - logit_B.
         device: auto, cpu, cuda, cuda:N or mps.

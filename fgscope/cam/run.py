@@ -34,29 +34,14 @@ from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 
-from fgscope.cam.compute import CamLayer, CamResult, ClassRef, compute_cams, grad_cam, resolve_class
+from fgscope.cam.compute import CamResult, compute_cams
 from fgscope.cam.figure import cam_figure, cam_overlay, cam_title, fmt_value
-
-# The code lives in two more modules, re-exported here as the public API:
-#   cam_compute  Grad-CAM itself (grad_cam, resolve_class, compute_cams)
-#   render.cam   the pictures (cam_overlay, cam_figure)
 from fgscope.errors import ConfigError
 from fgscope.images import default_image, load_image, sha256_file
 from fgscope.models import load_model
 from fgscope.runs import RunDir, atomic_write_bytes, model_entry, new_run_dir, write_json
 
-__all__ = [
-    "ClassRef",
-    "CamLayer",
-    "CamResult",
-    "grad_cam",
-    "resolve_class",
-    "compute_cams",
-    "cam_overlay",
-    "cam_figure",
-    "CamConfig",
-    "run_cam",
-]
+__all__ = ["CamConfig", "run_cam"]
 
 
 

@@ -17,6 +17,7 @@ from fgscope.cli import probe as _probe
 from fgscope.cli import report as _report
 from fgscope.cli import similarity as _similarity
 from fgscope.cli import summary as _summary
+from fgscope.cli import synthetic as _synthetic
 
 __all__ = ["app", "main"]
 
@@ -68,6 +69,7 @@ app.command("similarity")(_similarity.similarity)
 app.command("cam")(_cam.cam)
 app.command("advise")(_advise.advise)
 app.command("report")(_report.report)
+app.command("synthetic")(_synthetic.synthetic)
 
 
 def main() -> None:

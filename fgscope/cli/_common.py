@@ -1,12 +1,12 @@
-"""Options shared by several commands, and the mapping of errors to exit codes."""
+"""How every command runs: errors mapped to one line and an exit code, library noise hidden
+unless `--verbose` (the shared options live in `fgscope.cli.options`)."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -14,121 +14,9 @@ from rich.text import Text
 
 from fgscope.errors import FgscopeError
 
-__all__ = [
-    "OutOpt",
-    "OverwriteOpt",
-    "FoldsOpt",
-    "SeedOpt",
-    "MaxPerClassOpt",
-    "ModelArg",
-    "LayersOpt",
-    "WeightsOpt",
-    "ArchOpt",
-    "TrustOpt",
-    "SizeOpt",
-    "MeanOpt",
-    "StdOpt",
-    "NumClassesOpt",
-    "DeviceOpt",
-    "DtypeOpt",
-    "guarded",
-    "print_error",
-    "set_verbose",
-    "err_console",
-    "model_kwargs",
-]
-
-ModelArg = Annotated[
-    str,
-    typer.Argument(
-        help="torchvision name (resnet50, torchvision:resnet50:IMAGENET1K_V2) or a model file "
-        "(.pt/.pth state_dict or checkpoint with --arch, .pt2 export, TorchScript, pickled module with --trust).",
-        show_default=True,
-    ),
-]
-LayersOpt = Annotated[
-    str,
-    typer.Option(
-        "--layers",
-        "-l",
-        help="all | blocks | stages | names, globs ('layer*') or regexes ('re:^layer[12]$'), comma-separated.",
-    ),
-]
-WeightsOpt = Annotated[
-    str,
-    typer.Option(help="torchvision weights: default, a name (IMAGENET1K_V2) or none (random init)."),
-]
-ArchOpt = Annotated[
-    str | None, typer.Option(help="torchvision architecture for a state_dict file, e.g. resnet50.")
-]
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust", help="Allow unpickling a whole model file (this runs code from the file)."
-    ),
-]
-SizeOpt = Annotated[
-    int | None, typer.Option(help="Input side in pixels (default: the weights' own, else 224).")
-]
-MeanOpt = Annotated[
-    tuple[float, float, float] | None,
-    typer.Option(help="Normalisation mean per channel (default: the weights' own, else ImageNet)."),
-]
-StdOpt = Annotated[
-    tuple[float, float, float] | None,
-    typer.Option(help="Normalisation std per channel (default: the weights' own, else ImageNet)."),
-]
-NumClassesOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--num-classes",
-        min=1,
-        help="Classes of a state_dict's classifier when they cannot be inferred.",
-    ),
-]
-DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")]
-DtypeOpt = Annotated[
-    str, typer.Option(help="float32 | float16 | bfloat16 (autocast where supported).")
-]
-
-OutOpt = Annotated[
-    Path | None,
-    typer.Option("--out", "-o", help="Output folder (default: a new one under fgscope-out/)."),
-]
-OverwriteOpt = Annotated[
-    bool, typer.Option(help="Reuse --out even if it holds files (they are replaced).")
-]
-FoldsOpt = Annotated[int, typer.Option(help="Folds of the stratified cross-validation.")]
-SeedOpt = Annotated[
-    int,
-    typer.Option(help="Seed of folds, subsampling, projections and random init (--weights none)."),
-]
-MaxPerClassOpt = Annotated[
-    int | None, typer.Option(help="Use at most this many images per class (seeded subset).")
-]
+__all__ = ["guarded", "run_job", "print_error", "set_verbose", "err_console"]
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def model_kwargs(
-    weights: str,
-    arch: str | None,
-    trust: bool,
-    size: int | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
-    num_classes: int | None = None,
-) -> dict:
-    """Keyword arguments for `fgscope.models.load_model` from the shared options."""
-    return {
-        "weights": None if weights.lower() == "none" else weights,
-        "arch": arch,
-        "trust": trust,
-        "size": size,
-        "mean": mean,
-        "std": std,
-        "num_classes": num_classes,
-    }
 
 
 _VERBOSE = {"on": False}  # set by the root `--verbose` option (fgscope/cli/__init__.py)
@@ -197,3 +85,20 @@ def guarded(console: Console | None = None) -> Iterator[None]:
     except MemoryError:
         print_error(console, "out of memory (try a smaller --batch-size or --size)")
         sys.exit(9)
+
+
+def run_job(job: Callable[[Console], Any], *, tune: bool = True) -> None:
+    """Run one command's library job under `guarded`, printing to the terminal.
+
+    Args:
+        job: builds the job's config and runs it with the console it is given.
+        tune: tune the host allocator first (commands that run a model; see
+            `fgscope.device.tune_host_allocator`).
+    """
+    console = Console(highlight=False)
+    with guarded():
+        if tune:
+            from fgscope.device import tune_host_allocator
+
+            tune_host_allocator()
+        job(console)

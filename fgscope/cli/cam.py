@@ -7,35 +7,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fgscope.cli._common import (
-    ArchOpt,
-    DeviceOpt,
-    LayersOpt,
-    MeanOpt,
-    OutOpt,
-    OverwriteOpt,
-    SizeOpt,
-    StdOpt,
-    TrustOpt,
-    WeightsOpt,
-    guarded,
-    model_kwargs,
-)
+from fgscope.cli import options as opt
+from fgscope.cli._common import run_job
 
 __all__ = ["cam"]
 
 
+@opt.with_options
 def cam(
-    model: Annotated[
-        str,
-        typer.Argument(
-            help="torchvision name or model file (see `fgscope summary --help`); "
-            "default: the embedded ImageNet MobileNetV2."
-        ),
-    ] = "mobilenet_v2",
+    model: opt.DefaultModelArg = "mobilenet_v2",
     image: Annotated[
-        str | None,
-        typer.Argument(help="One image file; default: a sample photo.", show_default=False),
+        str | None, typer.Argument(help="One image file; default: a sample photo.", show_default=False)
     ] = None,
     class_: Annotated[
         str | None,
@@ -55,16 +37,10 @@ def cam(
             show_default=False,
         ),
     ] = None,
-    layers_: LayersOpt = "stages",
-    out: OutOpt = None,
-    overwrite: OverwriteOpt = False,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    trust: TrustOpt = False,
-    size: SizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    device: DeviceOpt = "auto",
+    layers_: opt.LayersOpt = "stages",
+    output: opt.OutputOptions = opt.OutputOptions(),
+    load: opt.ImageModelOptions = opt.ImageModelOptions(),
+    where: opt.DeviceOptions = opt.DeviceOptions(),
 ) -> None:
     """Grad-CAM (Selvaraju et al. 2017) at every stage, beside the image.
 
@@ -74,21 +50,14 @@ def cam(
     appear. Writes cam.json, cam.png, one cam_NN_LAYER.png per layer,
     cam_raw.npz (raw maps and weights) and manifest.json.
     """
-    console = Console(highlight=False)
-    with guarded():
-        from fgscope.cam.run import CamConfig, run_cam
-        from fgscope.device import tune_host_allocator
 
-        tune_host_allocator()
-        config = CamConfig(
-            model=model,
-            image=image,
-            target=class_,
-            contrast=tuple(contrast) if contrast else None,
-            layers=layers_,
-            out=out,
-            overwrite=overwrite,
-            model_kwargs=model_kwargs(weights, arch, trust, size, mean, std),
-            device=device,
-        )
-        run_cam(config, console)
+    def job(console: Console) -> None:
+        from fgscope.cam import CamConfig, run_cam
+
+        run_cam(CamConfig(
+            model=model, image=image, target=class_,
+            contrast=tuple(contrast) if contrast else None, layers=layers_, out=output.out,
+            overwrite=output.overwrite, model_kwargs=load.load_kwargs(), device=where.device,
+        ), console)
+
+    run_job(job)

@@ -8,26 +8,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fgscope.cli._common import (
-    ArchOpt,
-    DeviceOpt,
-    LayersOpt,
-    MeanOpt,
-    ModelArg,
-    NumClassesOpt,
-    SizeOpt,
-    StdOpt,
-    TrustOpt,
-    WeightsOpt,
-    guarded,
-    model_kwargs,
-)
+from fgscope.cli import options as opt
+from fgscope.cli._common import run_job
 
 __all__ = ["dump", "dump_merge"]
 
 
+@opt.with_options
 def dump(
-    model: ModelArg,
+    model: opt.ModelArg,
     inputs: Annotated[
         list[str],
         typer.Argument(
@@ -36,7 +25,7 @@ def dump(
             show_default=False,
         ),
     ],
-    layers_: LayersOpt = "stages",
+    layers_: opt.LayersOpt = "stages",
     pool: Annotated[
         str,
         typer.Option(
@@ -86,14 +75,8 @@ def dump(
         int | None,
         typer.Option("--shard-rows", min=1, help="Images per shard file (overrides --shard-mb)."),
     ] = None,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    trust: TrustOpt = False,
-    size: SizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    num_classes: NumClassesOpt = None,
-    device: DeviceOpt = "auto",
+    load: opt.ImageModelOptions = opt.ImageModelOptions(),
+    where: opt.DeviceOptions = opt.DeviceOptions(),
 ) -> None:
     """Dump the activations of whole data sets to sharded safetensors files.
 
@@ -104,31 +87,19 @@ def dump(
     safetensors, torch or numpy alone (docs/dump.md). Unreadable images are
     skipped and listed. Interrupted? Run the same command again.
     """
-    console = Console(highlight=False)
-    with guarded():
-        from fgscope.device import tune_host_allocator
-        from fgscope.dump.run import DumpConfig, parse_hw, parse_shard, run_dump
 
-        tune_host_allocator()
-        config = DumpConfig(
-            model=model,
-            inputs=tuple(inputs),
-            layers=layers_,
-            pool=pool,
-            resize_to=parse_hw(resize_to) if resize_to else None,
-            dtype=dtype,
-            precision=precision,
-            out=out,
-            overwrite=overwrite,
-            batch_size=batch_size,
-            workers=workers,
-            shard=parse_shard(shard) if shard else None,
-            shard_mb=shard_mb,
-            shard_rows=shard_rows,
-            device=device,
-            model_kwargs=model_kwargs(weights, arch, trust, size, mean, std, num_classes),
-        )
-        run_dump(config, console)
+    def job(console: Console) -> None:
+        from fgscope.dump import DumpConfig, parse_hw, parse_shard, run_dump
+
+        run_dump(DumpConfig(
+            model=model, inputs=tuple(inputs), layers=layers_, pool=pool,
+            resize_to=parse_hw(resize_to) if resize_to else None, dtype=dtype,
+            precision=precision, out=out, overwrite=overwrite, batch_size=batch_size,
+            workers=workers, shard=parse_shard(shard) if shard else None, shard_mb=shard_mb,
+            shard_rows=shard_rows, device=where.device, model_kwargs=load.load_kwargs(),
+        ), console)
+
+    run_job(job)
 
 
 def dump_merge(
@@ -149,8 +120,10 @@ def dump_merge(
     The part that completes last writes it by itself; run this when parts
     were written to different folders, or to check the shards (--verify).
     """
-    console = Console(highlight=False)
-    with guarded():
-        from fgscope.dump.run import merge_dump
+
+    def job(console: Console) -> None:
+        from fgscope.dump import merge_dump
 
         merge_dump(dirs, console, verify=verify)
+
+    run_job(job, tune=False)

@@ -22,7 +22,8 @@ import typer
 __all__ = [
     "OptionGroup",
     "ModelOptions",
-    "NormalizeOptions",
+    "ImageModelOptions",
+    "RunOptions",
     "DeviceOptions",
     "OutputOptions",
     "with_options",
@@ -31,7 +32,6 @@ __all__ = [
     "ImagesArg",
     "DataArg",
     "LayersOpt",
-    "DtypeOpt",
     "BatchSizeOpt",
     "FoldsOpt",
     "SeedOpt",
@@ -45,6 +45,7 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 WEIGHTS_HELP = "torchvision weights: default, a name (IMAGENET1K_V2) or none (random init)."
+DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps."
 
 
 class OptionGroup:
@@ -73,22 +74,20 @@ class ModelOptions(OptionGroup):
         ),
     ] = None
 
-    def load_kwargs(self, normalize: NormalizeOptions | None = None) -> dict[str, Any]:
+    def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `fgscope.models.load_model`."""
         return {
             "weights": None if self.weights.lower() == "none" else self.weights,
             "arch": self.arch,
             "trust": self.trust,
             "size": self.size,
-            "mean": normalize.mean if normalize else None,
-            "std": normalize.std if normalize else None,
             "num_classes": self.num_classes,
         }
 
 
 @dataclasses.dataclass(frozen=True)
-class NormalizeOptions(OptionGroup):
-    """Per-channel normalisation of the images (commands that read images)."""
+class ImageModelOptions(ModelOptions):
+    """How MODEL is loaded, and how images are normalised for it (commands that read images)."""
 
     mean: Annotated[
         tuple[float, float, float] | None,
@@ -99,12 +98,23 @@ class NormalizeOptions(OptionGroup):
         typer.Option(help="Normalisation std per channel (default: the weights' own, else ImageNet)."),
     ] = None
 
+    def load_kwargs(self) -> dict[str, Any]:
+        return {**super().load_kwargs(), "mean": self.mean, "std": self.std}
+
 
 @dataclasses.dataclass(frozen=True)
 class DeviceOptions(OptionGroup):
     """Where the model runs."""
 
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto"
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions(ImageModelOptions):
+    """How MODEL is loaded and run on images: loading, normalisation, device and dtype."""
+
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto"
+    dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16 (autocast where supported).")] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +203,6 @@ LayersOpt = Annotated[
         help="all | blocks | stages | names, globs ('layer*') or regexes ('re:^layer[12]$'), comma-separated.",
     ),
 ]
-DtypeOpt = Annotated[str, typer.Option(help="float32 | float16 | bfloat16 (autocast where supported).")]
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per forward.")]
 FoldsOpt = Annotated[int, typer.Option(help="Folds of the stratified cross-validation.")]
 SeedOpt = Annotated[

@@ -8,25 +8,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fgscope.cli._common import (
-    ArchOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LayersOpt,
-    MeanOpt,
-    OutOpt,
-    OverwriteOpt,
-    SizeOpt,
-    StdOpt,
-    TrustOpt,
-    WeightsOpt,
-    guarded,
-    model_kwargs,
-)
+from fgscope.cli import options as opt
+from fgscope.cli._common import run_job
 
 __all__ = ["report"]
 
 
+@opt.with_options
 def report(
     model: Annotated[
         str | None,
@@ -36,14 +24,8 @@ def report(
             show_default=False,
         ),
     ] = None,
-    images: Annotated[
-        list[str] | None,
-        typer.Argument(
-            help="Image files, folders (recursive) or globs; default: a sample photo.",
-            show_default=False,
-        ),
-    ] = None,
-    out: OutOpt = None,
+    images: opt.ImagesArg = None,
+    output: opt.OutputOptions = opt.OutputOptions(),
     from_: Annotated[
         list[Path] | None,
         typer.Option(
@@ -67,19 +49,11 @@ def report(
     width: Annotated[
         str, typer.Option(help="Paper figure width: single (3.5 in column) or double (7 in).")
     ] = "double",
-    layers_: LayersOpt = "blocks",
+    layers_: opt.LayersOpt = "blocks",
     max_images: Annotated[
         int, typer.Option(min=1, help="Images shown in the grids and the paper hierarchy figure.")
     ] = 3,
-    overwrite: OverwriteOpt = False,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    trust: TrustOpt = False,
-    size: SizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    run: opt.RunOptions = opt.RunOptions(),
 ) -> None:
     """One self-contained HTML page and figures for papers, for one model and its images.
 
@@ -90,31 +64,20 @@ def report(
     wide, in each --format). With --from RUN_DIR... it builds the same page from earlier
     runs without recomputing.
     """
-    console = Console(highlight=False)
-    with guarded():
-        from fgscope.device import tune_host_allocator
+    from_dirs = list(from_ or [])
+    if from_dirs:  # `--from a b c`: the positional arguments are run folders too
+        from_dirs += [Path(p) for p in ([model] if model else []) + list(images or [])]
+        model, images = None, []
+
+    def job(console: Console) -> None:
         from fgscope.report.run import ReportConfig, run_report
 
-        from_dirs = list(from_ or [])
-        if from_dirs:  # `--from a b c`: the positional arguments are run folders too
-            from_dirs += [Path(p) for p in ([model] if model else []) + list(images or [])]
-            model, images = None, []
-        else:
-            tune_host_allocator()
-        config = ReportConfig(
-            model=model or "mobilenet_v2",
-            images=list(images or []),
-            from_dirs=from_dirs,
-            out=out,
-            overwrite=overwrite,
-            probe_data=probe_data,
-            coarse_map=coarse_map,
-            formats=tuple(format_.split(",")),
-            width=width,
-            layers=layers_,
-            max_images=max_images,
-            model_kwargs=model_kwargs(weights, arch, trust, size, mean, std),
-            device=device,
-            dtype=dtype,
-        )
-        run_report(config, console)
+        run_report(ReportConfig(
+            model=model or "mobilenet_v2", images=list(images or []), from_dirs=from_dirs,
+            out=output.out, overwrite=output.overwrite, probe_data=probe_data,
+            coarse_map=coarse_map, formats=tuple(format_.split(",")), width=width,
+            layers=layers_, max_images=max_images, model_kwargs=run.load_kwargs(),
+            device=run.device, dtype=run.dtype,
+        ), console)
+
+    run_job(job, tune=not from_dirs)

@@ -2,43 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from fgscope.cli._common import (
-    ArchOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LayersOpt,
-    MeanOpt,
-    OutOpt,
-    OverwriteOpt,
-    SizeOpt,
-    StdOpt,
-    TrustOpt,
-    WeightsOpt,
-    guarded,
-    model_kwargs,
-)
+from fgscope.cli import options as opt
+from fgscope.cli._common import run_job
 
 __all__ = ["similarity"]
 
 
+@opt.with_options
 def similarity(
-    model: Annotated[
-        str,
-        typer.Argument(
-            help="torchvision name or model file (see `fgscope summary --help`); "
-            "default: the embedded ImageNet MobileNetV2."
-        ),
-    ] = "mobilenet_v2",
+    model: opt.DefaultModelArg = "mobilenet_v2",
     images: Annotated[
         list[str] | None,
-        typer.Argument(
-            help="At least 4 image files, folders (recursive) or globs.", show_default=False
-        ),
+        typer.Argument(help="At least 4 image files, folders (recursive) or globs.", show_default=False),
     ] = None,
     vs: Annotated[
         str | None,
@@ -50,15 +31,10 @@ def similarity(
     vs_arch: Annotated[
         str | None, typer.Option(help="torchvision architecture of a --vs state_dict file.")
     ] = None,
-    vs_weights: Annotated[
-        str, typer.Option(help="torchvision weights of a --vs name: default, a name, or none.")
-    ] = "default",
-    layers_: LayersOpt = "stages",
-    out: OutOpt = None,
-    overwrite: OverwriteOpt = False,
-    batch_size: Annotated[
-        int, typer.Option(min=4, help="Images per forward and per CKA minibatch.")
-    ] = 32,
+    vs_weights: Annotated[str, typer.Option(help=f"For a --vs name: {opt.WEIGHTS_HELP}")] = "default",
+    layers_: opt.LayersOpt = "stages",
+    output: opt.OutputOptions = opt.OutputOptions(),
+    batch_size: Annotated[int, typer.Option(min=4, help="Images per forward and per CKA minibatch.")] = 32,
     minibatch: Annotated[
         bool,
         typer.Option(
@@ -67,14 +43,7 @@ def similarity(
             "n x n Grams of all images (exact, memory O(n * features)).",
         ),
     ] = True,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    trust: TrustOpt = False,
-    size: SizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    run: opt.RunOptions = opt.RunOptions(),
 ) -> None:
     """Linear CKA (Kornblith et al. 2019) between layers, biased and debiased.
 
@@ -85,24 +54,17 @@ def similarity(
     the second model's. Writes similarity.json, similarity.csv,
     similarity_debiased.csv, similarity.png and manifest.json.
     """
-    console = Console(highlight=False)
-    with guarded():
-        from fgscope.device import tune_host_allocator
-        from fgscope.similarity.run import SimilarityConfig, run_similarity
+    # --vs is loaded like MODEL (trust, size, normalisation), with its own weights and arch.
+    vs_run = dataclasses.replace(run, weights=vs_weights, arch=vs_arch, num_classes=None)
 
-        tune_host_allocator()
-        config = SimilarityConfig(
-            model=model,
-            images=list(images or []),
-            vs=vs,
-            layers=layers_,
-            out=out,
-            overwrite=overwrite,
-            model_kwargs=model_kwargs(weights, arch, trust, size, mean, std),
-            vs_model_kwargs=model_kwargs(vs_weights, vs_arch, trust, size, mean, std),
-            device=device,
-            dtype=dtype,
-            batch_size=batch_size,
-            minibatch=minibatch,
-        )
-        run_similarity(config, console)
+    def job(console: Console) -> None:
+        from fgscope.similarity import SimilarityConfig, run_similarity
+
+        run_similarity(SimilarityConfig(
+            model=model, images=list(images or []), vs=vs, layers=layers_, out=output.out,
+            overwrite=output.overwrite, model_kwargs=run.load_kwargs(),
+            vs_model_kwargs=vs_run.load_kwargs(), device=run.device, dtype=run.dtype,
+            batch_size=batch_size, minibatch=minibatch,
+        ), console)
+
+    run_job(job)

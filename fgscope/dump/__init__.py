@@ -10,15 +10,15 @@ from __future__ import annotations
 from fgscope._lazy import lazy_exports
 
 _EXPORTS = {
-    "POOLS": "run",
-    "DTYPES": "run",
-    "DumpConfig": "run",
+    "POOLS": "plan",
+    "DTYPES": "plan",
+    "DumpConfig": "plan",
     "DumpResult": "run",
     "run_dump": "run",
     "merge_dump": "run",
-    "parse_hw": "run",
-    "parse_shard": "run",
-    "resolve_part": "run",
+    "parse_hw": "plan",
+    "parse_shard": "plan",
+    "resolve_part": "plan",
 }
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -21,13 +21,14 @@ from PIL import Image
 from torch import nn
 
 from fgscope import metrics
-from fgscope.capture import LayerSpec, capture, first_tensor, select_layers
+from fgscope.capture import capture, first_tensor
 from fgscope.device import autocast, resolve_device, resolve_dtype, to_device
 from fgscope.errors import ImageError
 from fgscope.forward import forward
 from fgscope.geometry import trace_geometry
 from fgscope.images import ImageFailure, LoadedImage, default_image, load_inputs
 from fgscope.models import LoadedModel, load_model
+from fgscope.selection import LayerSpec, select_layers
 from fgscope.stages import assign_stages
 
 __all__ = ["LayerStats", "InspectResult", "inspect", "MIN_IMAGES_FOR_CKA", "STAT_KEYS"]
@@ -158,7 +159,7 @@ def inspect(
     Args:
         model: a `LoadedModel`, a module, or a spec for `fgscope.load_model`.
         images: paths, folders, globs or PIL images; None = the sample photo.
-        layers: selection as in `fgscope.capture` (default: the model's blocks).
+        layers: selection as in `fgscope.selection` (default: the model's blocks).
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: float32, float16 or bfloat16 (autocast).
         batch_size: images per forward.

@@ -160,7 +160,7 @@ class LoadedModel:
 class TorchScriptModel(nn.Module):
     """A TorchScript archive behind a plain module, so that its output can be recorded.
 
-    torch refuses forward hooks on ScriptModules, so `fgscope.capture` treats the archive as
+    torch refuses forward hooks on ScriptModules, so `fgscope.selection` treats the archive as
     one opaque leaf: selecting `all` records the model's output, named `output`.
     """
 

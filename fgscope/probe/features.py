@@ -201,7 +201,7 @@ def extract_features(
     Args:
         lm: the loaded model.
         paths: image files; unreadable ones are skipped and reported in `failures`.
-        layers: selection as in `fgscope.capture`.
+        layers: selection as in `fgscope.selection`.
         pools: from `POOLS`; bilinear and hypercolumn apply to maps only.
         seed: seed of the bilinear random projections.
         bilinear_channels: layers with more channels are projected to this many before
@@ -215,10 +215,11 @@ def extract_features(
     import torch
 
     from fgscope import metrics
-    from fgscope.capture import capture, select_layers
+    from fgscope.capture import capture
     from fgscope.device import autocast, resolve_device, resolve_dtype, to_device
     from fgscope.geometry import trace_geometry
     from fgscope.images import LoadedImage, iter_images
+    from fgscope.selection import select_layers
     from fgscope.stages import assign_stages
 
     pools = check_pools(pools)

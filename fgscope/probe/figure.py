@@ -12,7 +12,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from fgscope.probe.fit import ProbeResult
+    from fgscope.probe.results import ProbeResult
 
 __all__ = ["probe_figure", "fmt_num"]
 

@@ -1,14 +1,13 @@
-"""The probes of `fgscope probe`: labels, stratified k-fold logistic regression, and the whole
-probe of every selected layer (features from `probe_features`), collected in a `ProbeResult`.
-No files are written here (see `probe_run`)."""
+"""The fits of `fgscope probe`: stratified k-fold logistic regression (`cross_validate`) and
+the whole probe of every selected layer (features from `fgscope.probe.features`, labels from
+`fgscope.probe.labels`), collected in a `ProbeResult` (`fgscope.probe.results`). No files are
+written here (see `fgscope.probe.run`)."""
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,14 @@ from fgscope.probe.features import (
     check_pools,
     extract_features,
 )
+from fgscope.probe.labels import (
+    _check_counts,
+    _subsample,
+    chance_level,
+    load_coarse_map,
+    probe_paths,
+)
+from fgscope.probe.results import ProbeResult, ProbeRow
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -29,175 +36,18 @@ if TYPE_CHECKING:
     from fgscope.models import LoadedModel
 
 __all__ = [
+    "cross_validate",
+    "probe",
+    "transfer_accuracy",
+    # re-exported from fgscope.probe.results and fgscope.probe.labels
     "ProbeRow",
     "ProbeResult",
     "load_coarse_map",
     "chance_level",
-    "cross_validate",
-    "probe",
-    "transfer_accuracy",
     "probe_paths",
 ]
 
 _MAX_ITER = 1000
-
-
-# --- results ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProbeRow:
-    """One probe: one layer (or hypercolumn up to it), one pooling, one label granularity.
-
-    Attributes:
-        layer: record name; for `hypercolumn`, the deepest fused layer.
-        index: the layer's position among the probed layers (depth order).
-        stage: early / middle / late.
-        stride, rf: effective stride and receptive field (px); for `hypercolumn`, the grid's
-            stride and the deepest layer's field.
-        pool: avg | max | bilinear | hypercolumn.
-        granularity: fine | coarse.
-        acc_mean, acc_std: accuracy over the folds (std: population std over folds).
-        chance: majority-class accuracy.
-        dim: feature dimension.
-        fold_acc: accuracy of each fold.
-        fused: for `hypercolumn`, the fused layers; empty otherwise.
-    """
-
-    layer: str
-    index: int
-    stage: str
-    stride: float | None
-    rf: float | None
-    pool: str
-    granularity: str
-    acc_mean: float
-    acc_std: float
-    chance: float
-    dim: int
-    fold_acc: tuple[float, ...] = ()
-    fused: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["fold_acc"], d["fused"] = list(self.fold_acc), list(self.fused)
-        return d
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """Everything a probe run measured (`probe.json` is `to_json()`)."""
-
-    model: str
-    data: str
-    n_images: int
-    classes: tuple[str, ...]
-    coarse_classes: tuple[str, ...] | None
-    folds: int
-    seed: int
-    rows: tuple[ProbeRow, ...]
-    layers: tuple[ProbeLayer, ...]
-    input_size: tuple[int, int]
-    cka: tuple[dict[str, Any], ...] = ()
-    notes: tuple[str, ...] = ()
-    hypercolumn_grid: tuple[int, int] | None = None
-    c: float = 1.0
-    bilinear_channels: int = BILINEAR_CHANNELS
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ProbeResult:
-        """The result back from `probe.json` (e.g. to redraw `probe_figure`)."""
-
-        def tup(d: dict[str, Any]) -> dict[str, Any]:
-            return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-        grid = data.get("hypercolumn_grid")
-        return cls(
-            model=data["model"], data=data["data"], n_images=data["n_images"],
-            classes=tuple(data["classes"]),
-            coarse_classes=tuple(data["coarse_classes"]) if data.get("coarse_classes") else None,
-            folds=data["folds"], seed=data["seed"],
-            rows=tuple(ProbeRow(**tup(r)) for r in data["rows"]),
-            layers=tuple(ProbeLayer(**tup(layer)) for layer in data.get("layers", [])),
-            input_size=tuple(data.get("input_size", (0, 0))),
-            cka=tuple(data.get("cka_consecutive", [])), notes=tuple(data.get("notes", [])),
-            hypercolumn_grid=tuple(grid) if grid else None,
-            c=data.get("probe", {}).get("C", 1.0),
-            bilinear_channels=data.get("bilinear_channels", BILINEAR_CHANNELS),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "data": self.data,
-            "n_images": self.n_images,
-            "classes": list(self.classes),
-            "coarse_classes": list(self.coarse_classes) if self.coarse_classes else None,
-            "folds": self.folds,
-            "seed": self.seed,
-            "rows": [r.to_dict() for r in self.rows],
-            "layers": [asdict(layer) for layer in self.layers],
-            "input_size": list(self.input_size),
-            "pools": list(dict.fromkeys(r.pool for r in self.rows)),
-            "probe": {
-                "model": "LogisticRegression(multinomial, L2, lbfgs)", "C": self.c,
-                "standardize": "StandardScaler fit per training fold",
-                "cv": f"StratifiedKFold(n_splits={self.folds}, shuffle=True, random_state={self.seed})",
-            },
-            "bilinear_channels": self.bilinear_channels,
-            "hypercolumn_grid": list(self.hypercolumn_grid) if self.hypercolumn_grid else None,
-            "cka_consecutive": list(self.cka),
-            "notes": list(self.notes),
-        }
-
-
-# --- labels ----------------------------------------------------------------------------------
-
-
-def load_coarse_map(path: str | Path, classes: Sequence[str]) -> dict[str, str]:
-    """Read a {fine class: coarse class} JSON file and check it covers every class.
-
-    Raises:
-        ConfigError: missing or unreadable file, not an object of strings, a fine class
-            without a coarse class (all such classes are named), or fewer than 2 coarse classes.
-    """
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"coarse map {path} does not exist", hint="check --coarse-map") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read coarse map {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"coarse map {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
-        raise ConfigError(
-            f"coarse map {path} must be a JSON object of strings",
-            hint='e.g. {"siamese": "cat", "beagle": "dog"}',
-        )
-    missing = [c for c in classes if c not in obj]
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ConfigError(
-            f"coarse map {path} has no coarse class for {len(missing)} fine class(es): {shown}",
-            hint="add an entry for each class folder",
-        )
-    mapping = {c: obj[c] for c in classes}
-    if len(set(mapping.values())) < 2:
-        raise ConfigError(
-            f"coarse map {path} puts every class into one coarse class",
-            hint="a coarse probe needs at least 2 coarse classes",
-        )
-    return mapping
-
-
-def chance_level(y: np.ndarray) -> float:
-    """Accuracy of always predicting the most frequent class: (n,) int labels -> float."""
-    counts = np.bincount(np.asarray(y, dtype=np.int64))
-    return float(counts.max() / counts.sum())
-
-
-# --- the probe -------------------------------------------------------------------------------
 
 
 def cross_validate(
@@ -257,33 +107,6 @@ def cross_validate(
         unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
     arr = np.asarray(accs)
     return float(arr.mean()), float(arr.std()), tuple(accs), unconverged
-
-
-# --- the whole probe -------------------------------------------------------------------------
-
-
-def _subsample(labels: Sequence[int], max_per_class: int | None, seed: int) -> list[int]:
-    """Indices of at most `max_per_class` items per label (seeded), in the original order."""
-    if max_per_class is None:
-        return list(range(len(labels)))
-    rng = np.random.default_rng(seed)
-    y = np.asarray(labels)
-    keep: list[int] = []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        keep.extend(rng.choice(idx, size=min(max_per_class, len(idx)), replace=False).tolist())
-    return sorted(keep)
-
-
-def _check_counts(y: np.ndarray, classes: Sequence[str], folds: int, what: str) -> None:
-    counts = np.bincount(y, minlength=len(classes))
-    few = [f"{classes[i]} ({int(n)})" for i, n in enumerate(counts) if n < folds]
-    if few:
-        shown = ", ".join(few[:6]) + (f" and {len(few) - 6} more" if len(few) > 6 else "")
-        raise ConfigError(
-            f"{what} class(es) with fewer readable images than --folds {folds}: {shown}",
-            hint="add images or lower --folds",
-        )
 
 
 def probe(
@@ -426,11 +249,3 @@ def transfer_accuracy(
     result, _ = probe(lm, data, layers, ("avg",), folds=folds, seed=seed, device=device,
                       dtype=dtype, batch_size=batch_size, console=console)
     return {r.layer: (r.acc_mean, r.acc_std) for r in result.rows}, result
-
-
-def probe_paths(data: str | Path, max_per_class: int | None, seed: int) -> list[tuple[Path, str]]:
-    """(path, class name) of the images a probe of `data` uses, in probe order."""
-    from fgscope.images import image_folder
-
-    ds = image_folder(data)
-    return [(ds.paths[i], ds.classes[ds.labels[i]]) for i in _subsample(ds.labels, max_per_class, seed)]

@@ -15,7 +15,9 @@ from rich.text import Text
 from fgscope.errors import ConfigError
 from fgscope.probe.features import Features, check_pools
 from fgscope.probe.figure import fmt_num
-from fgscope.probe.fit import ProbeResult, probe, probe_paths
+from fgscope.probe.fit import probe
+from fgscope.probe.labels import probe_paths
+from fgscope.probe.results import ProbeResult
 from fgscope.runs import RunDir, model_entry, new_run_dir, write_json, write_text
 
 if TYPE_CHECKING:

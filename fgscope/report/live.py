@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fgscope.errors import ConfigError, FgscopeError
-from fgscope.report import paper
+from fgscope.report.panels import EnergyColumn
 from fgscope.runs import RunDir, atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ __all__ = ["MIN_IMAGES_FOR_SIMILARITY", "Hierarchy", "run_live", "save_hierarchy
 MIN_IMAGES_FOR_SIMILARITY = 4
 """Layer-by-layer CKA on fewer images is dominated by noise (and is 1 on two)."""
 
-Hierarchy = tuple[list[np.ndarray], list[paper.EnergyColumn], list[str]]
+Hierarchy = tuple[list[np.ndarray], list[EnergyColumn], list[str]]
 """What the hierarchy figures are drawn from: `(H, W, 3)` uint8 images as the model saw them,
 one energy column per layer, and the image names."""
 
@@ -107,7 +107,7 @@ def run_live(config: ReportConfig, out: Path, console: Console, run: RunDir) -> 
             n = min(len(result.display), config.max_images)
             live.hierarchy = (
                 [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in result.display[:n]],
-                [paper.EnergyColumn(r.name, r.stride, r.rf, r.stage,
+                [EnergyColumn(r.name, r.stride, r.rf, r.stage,
                                     metrics.spatial_energy(result.activations[r.name][:n]).numpy())
                  for r in cols],
                 [Path(p).name for p in images[:n]],
@@ -178,7 +178,7 @@ def load_hierarchy(path: Path) -> Hierarchy:
     try:
         with np.load(path, allow_pickle=False) as z:
             cols = [
-                paper.EnergyColumn(str(n), opt(s), opt(r), str(st), z[f"energy_{i}"])
+                EnergyColumn(str(n), opt(s), opt(r), str(st), z[f"energy_{i}"])
                 for i, (n, s, r, st) in enumerate(zip(z["names"], z["strides"], z["rfs"], z["stages"]))
             ]
             return list(z["images"]), cols, [str(x) for x in z["image_labels"]]

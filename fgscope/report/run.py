@@ -40,6 +40,8 @@ from fgscope.report.live import (
     run_live,
     save_hierarchy,
 )
+from fgscope.report.panels import cam_paper, hierarchy_paper
+from fgscope.report.plots import geometry_paper, probe_paper, similarity_paper
 from fgscope.report.results import class_label
 from fgscope.report.runs import RunFolder, Runs, load_runs, read_json
 from fgscope.runs import RunDir, new_run_dir, write_text
@@ -153,7 +155,7 @@ def _paper_figures(
     todo: list[tuple[str, Callable[[], Any]]] = []
     if hierarchy is not None:
         images, cols, labels = hierarchy
-        todo.append(("hierarchy", lambda: paper.hierarchy_paper(
+        todo.append(("hierarchy", lambda: hierarchy_paper(
             images, cols, width, image_labels=labels, max_images=config.max_images)))
     elif runs.layers is not None:
         notes.append(
@@ -169,14 +171,14 @@ def _paper_figures(
             for r in data["layers"]
         ]
         if geo_rows:
-            todo.append(("geometry", lambda: paper.geometry_paper(geo_rows, data["input_size"], width)))
+            todo.append(("geometry", lambda: geometry_paper(geo_rows, data["input_size"], width)))
     if runs.probe is not None:
         rows = read_json(runs.probe.path / "probe.json", "probe").get("rows") or []
         if rows:
-            todo.append(("probe", lambda: paper.probe_paper(rows, width)))
+            todo.append(("probe", lambda: probe_paper(rows, width)))
     if runs.similarity is not None:
         sim = read_json(runs.similarity.path / "similarity.json", "similarity")
-        todo.append(("similarity", lambda: paper.similarity_paper(sim, width)))
+        todo.append(("similarity", lambda: similarity_paper(sim, width)))
     for k, cam_run in enumerate(runs.cams):
         todo.append(("cam" if k == 0 else f"cam_{k + 1}", _cam_figure(cam_run, width)))
 
@@ -216,7 +218,7 @@ def _cam_figure(cam_run: RunFolder, width: float) -> Callable[[], Any]:
             f"Grad-CAM: {class_label(contrast.get('a'))} vs {class_label(contrast.get('b'))}"
             if contrast else f"Grad-CAM: {class_label(target)}"
         )
-        return paper.cam_paper(panels, width, heading=heading)
+        return cam_paper(panels, width, heading=heading)
     return make
 
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 from fgscope._lazy import lazy_exports
 
 _EXPORTS = {
-    "MIN_IMAGES": "run",
-    "LayerPlace": "run",
-    "locate_layers": "run",
-    "centered_gram": "run",
-    "CkaAccumulator": "run",
-    "SimilarityResult": "run",
-    "compute_similarity": "run",
-    "similarity_figure": "run",
+    "MIN_IMAGES": "compute",
+    "SimilarityResult": "compute",
+    "compute_similarity": "compute",
+    "centered_gram": "cka",
+    "CkaAccumulator": "cka",
+    "similarity_figure": "figure",
     "SimilarityConfig": "run",
     "run_similarity": "run",
 }

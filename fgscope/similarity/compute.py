@@ -1,5 +1,5 @@
 """Running one model, or two, over images for `fgscope similarity`: where the selected layers
-are (`locate_layers`) and the CKA between them (`compute_similarity`, with the Grams of
+are (`fgscope.places.locate_layers`) and the CKA between them (`compute_similarity`, with the Grams of
 `similarity_cka`). No files are written here (see `fgscope.similarity.run`)."""
 
 from __future__ import annotations
@@ -15,71 +15,24 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from fgscope.capture import LayerRecord, LayerSpec, capture, select_layers
+from fgscope.capture import LayerRecord, capture
 from fgscope.device import autocast, resolve_device, resolve_dtype, to_device
 from fgscope.errors import ConfigError, ImageError, LayerNotFoundError, ModelRunError
 from fgscope.forward import forward
-from fgscope.geometry import LayerGeometry, trace_geometry
 from fgscope.images import ImageFailure, LoadedImage, load_inputs
 from fgscope.models import LoadedModel, Preprocess, load_model
+from fgscope.places import LayerPlace, locate_layers
+from fgscope.selection import LayerSpec, select_layers
 from fgscope.similarity.cka import CkaAccumulator, centered_gram
-from fgscope.stages import assign_stages
 
 __all__ = [
     "MIN_IMAGES",
-    "LayerPlace",
-    "locate_layers",
     "SimilarityResult",
     "compute_similarity",
 ]
 
 MIN_IMAGES = 4
 """The debiased estimator needs n >= 4 (and with n = 2 linear CKA is identically 1)."""
-
-
-# --- where the layers are ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerPlace:
-    """Geometry and stage of one recorded layer.
-
-    Attributes:
-        name: record name (`features.3`, `layer1.0.relu:2`).
-        geometry: stride and receptive field, None when unknown.
-        stage: `early`, `middle` or `late` among *all* layers of the model (the rule of
-            `fgscope.stages` applied to every leaf call plus the selection).
-    """
-
-    name: str
-    geometry: LayerGeometry | None
-    stage: str
-
-    @property
-    def stride(self) -> float | None:
-        g = self.geometry
-        return float(max(g.stride)) if g is not None and g.spatial else None
-
-    @property
-    def rf(self) -> float | None:
-        return float(max(self.geometry.rf)) if self.geometry is not None else None
-
-
-def locate_layers(
-    module: nn.Module, example_input: Tensor, selected: Sequence[str]
-) -> dict[str, LayerPlace]:
-    """Geometry and stage of every record of the `selected` modules, in execution order.
-
-    Stages are assigned over all leaf calls of the model, so a layer gets the same stage
-    whichever subset is selected.
-    """
-    geo, _ = trace_geometry(module, example_input, ["all", *selected])
-    names = list(geo)
-    stages = assign_stages(
-        [max(g.stride) if g is not None and g.spatial else None for g in geo.values()],
-        [g is None or g.spatial for g in geo.values()],
-    )
-    return {n: LayerPlace(n, geo[n], s) for n, s in zip(names, stages)}
 
 
 # --- running models over images -----------------------------------------------------------
@@ -243,7 +196,7 @@ def compute_similarity(
     Args:
         model, vs: `LoadedModel`s, modules, or specs for `fgscope.load_model`.
         images: at least 4 paths, folders, globs or PIL images.
-        layers: selection as in `fgscope.capture`, applied to both models.
+        layers: selection as in `fgscope.selection`, applied to both models.
         batch_size: images per forward and per CKA minibatch (>= 4).
         minibatch: accumulate over batches (Nguyen et al. 2021); False, or fewer than two
             batches of images, computes CKA on all images at once (`full`).

@@ -14,7 +14,8 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from fgscope.similarity.compute import LayerPlace, SimilarityResult
+    from fgscope.places import LayerPlace
+    from fgscope.similarity.compute import SimilarityResult
 
 __all__ = ["similarity_figure"]
 

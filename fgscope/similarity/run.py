@@ -47,40 +47,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 from torch import Tensor
 
-# The code lives in three more modules, re-exported here as the public API:
-#   similarity_cka      CKA from Grams (centered_gram, CkaAccumulator)
-#   similarity_compute  running the models over the images (compute_similarity)
-#   render.similarity   the figure
 from fgscope.errors import ConfigError, ImageError
-from fgscope.errors import FgscopeError as FgscopeError  # re-exported, as before the split
-from fgscope.errors import (
-    LayerNotFoundError as LayerNotFoundError,  # re-exported, as before the split
-)
 from fgscope.models import LoadedModel, load_model
 from fgscope.runs import RunDir, model_entry, new_run_dir, write_json, write_text
-from fgscope.similarity.cka import CkaAccumulator, centered_gram
-from fgscope.similarity.compute import (
-    MIN_IMAGES,
-    LayerPlace,
-    SimilarityResult,
-    _num,
-    compute_similarity,
-    locate_layers,
-)
+from fgscope.similarity.compute import MIN_IMAGES, SimilarityResult, _num, compute_similarity
 from fgscope.similarity.figure import similarity_figure
 
-__all__ = [
-    "MIN_IMAGES",
-    "LayerPlace",
-    "locate_layers",
-    "centered_gram",
-    "CkaAccumulator",
-    "SimilarityResult",
-    "compute_similarity",
-    "similarity_figure",
-    "SimilarityConfig",
-    "run_similarity",
-]
+__all__ = ["SimilarityConfig", "run_similarity"]
 
 
 # --- the command's job ---------------------------------------------------------------------

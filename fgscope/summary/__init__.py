@@ -9,6 +9,8 @@ _EXPORTS = {
     "SummaryRow": "compute",
     "ModelSummary": "compute",
     "summarize": "compute",
+    "SummaryConfig": "run",
+    "run_summary": "run",
 }
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fgscope.capture import LayerRecord, LayerSpec
+from fgscope.capture import LayerRecord
 from fgscope.geometry import LayerGeometry, trace_geometry
+from fgscope.selection import LayerSpec
 
 __all__ = ["SummaryRow", "ModelSummary", "summarize"]
 
