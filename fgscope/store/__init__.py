@@ -35,33 +35,27 @@ loaded view across all shards; the first read of each shard checks its sha256.
 
 from __future__ import annotations
 
-from fgscope.store.reader import (
+# The package is four modules:
+#   format  the records, names and small files (dump.json, inputs.json, progress)
+#   writer  writing shards (write_shard) and the background ShardWriter; locks
+#   index   a part's resume point and checks (load_part, find_input_change, check_shard),
+#           the union index (build_index, write_index)
+#   reader  open(DIR): the lazy, verified reader
+# Tests that inject faults patch `fgscope.store.writer._write_chunks`, where it is called.
+from fgscope.store.format import (
     DUMP_FILES,
     FORMAT,
     INPUT_INDEX,
     VERSION,
-    Dump,
-    DumpLock,
     Failure,
     FileFingerprint,
-    InputChange,
-    LayerView,
     PartState,
     PendingShard,
     ShardRecord,
-    ShardWriter,
     StoredLayer,
-    build_index,
-    check_shard,
     file_fingerprint,
     files_name,
-    find_input_change,
-    folder_lock,
     identity_hash,
-    load_part,
-    open,
-    other_part_locks,
-    part_lock,
     part_tag,
     read_identity,
     read_inputs,
@@ -69,9 +63,24 @@ from fgscope.store.reader import (
     shard_name,
     split_inputs,
     write_identity,
-    write_index,
     write_inputs,
     write_progress,
+)
+from fgscope.store.index import (
+    InputChange,
+    build_index,
+    check_shard,
+    find_input_change,
+    load_part,
+    write_index,
+)
+from fgscope.store.reader import Dump, LayerView, open
+from fgscope.store.writer import (
+    DumpLock,
+    ShardWriter,
+    folder_lock,
+    other_part_locks,
+    part_lock,
     write_shard,
 )
 

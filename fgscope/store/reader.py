@@ -1,5 +1,4 @@
-"""The lazy reader of a dump folder (`open`, `Dump`, `LayerView`), and the public names of the
-format, index and writer modules (re-exported by `fgscope.store`)."""
+"""The lazy reader of a dump folder: `open`, `Dump`, `LayerView` (re-exported by `fgscope.store`)."""
 
 from __future__ import annotations
 
@@ -12,95 +11,21 @@ from typing import Any
 import numpy as np
 import torch
 
-# The code lives in three more modules, re-exported here as the public API:
-#   store_format  the records, names and small files (dump.json, inputs.json, progress)
-#   store_writer  writing shards (write_shard) and the background ShardWriter; locks
-#   store_index   a part's resume point and checks (load_part, find_input_change,
-#                 check_shard), the union index (build_index, write_index)
-# Tests that inject faults patch `store_writer._write_chunks`, where it is called.
 from fgscope.errors import ConfigError, LayerNotFoundError, StoreError
 from fgscope.store.format import (
     _TORCH_DTYPES,
-    DUMP_FILES,
     FORMAT,
-    INPUT_INDEX,
-    VERSION,
     Failure,
-    FileFingerprint,
-    PartState,
-    PendingShard,
-    ShardRecord,
     StoredLayer,
     _read_json,
-    file_fingerprint,
-    files_name,
-    identity_hash,
-    part_tag,
     read_identity,
-    read_inputs,
-    remove_dump,
-    shard_name,
-    split_inputs,
-    write_identity,
-    write_inputs,
-    write_progress,
 )
 from fgscope.store.index import (
-    InputChange,
     build_index,
     check_shard,
-    find_input_change,
-    load_part,
-    write_index,
-)
-from fgscope.store.writer import (
-    DumpLock,
-    ShardWriter,
-    folder_lock,
-    other_part_locks,
-    part_lock,
-    write_shard,
 )
 
-__all__ = [
-    "FORMAT",
-    "VERSION",
-    "INPUT_INDEX",
-    "StoredLayer",
-    "Failure",
-    "ShardRecord",
-    "PartState",
-    "PendingShard",
-    "ShardWriter",
-    "Dump",
-    "LayerView",
-    "open",
-    "part_tag",
-    "shard_name",
-    "split_inputs",
-    "identity_hash",
-    "read_identity",
-    "write_identity",
-    "read_inputs",
-    "write_inputs",
-    "load_part",
-    "write_progress",
-    "write_shard",
-    "files_name",
-    "FileFingerprint",
-    "file_fingerprint",
-    "InputChange",
-    "find_input_change",
-    "check_shard",
-    "DumpLock",
-    "part_lock",
-    "folder_lock",
-    "other_part_locks",
-    "build_index",
-    "write_index",
-    "remove_dump",
-    "DUMP_FILES",
-]
+__all__ = ["Dump", "LayerView", "open"]
 
 
 # --- reading -------------------------------------------------------------------------------
