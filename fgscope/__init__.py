@@ -23,6 +23,8 @@ _LAZY = {
     "select_layers": "fgscope.selection",
     "LayerRecord": "fgscope.capture",
     "trace_geometry": "fgscope.geometry",
+    "trace": "fgscope.geometry",
+    "to_nchw": "fgscope.layouts",
     "summarize": "fgscope.summary.compute",
     "inspect": "fgscope.layers.compute",
     "run_layers": "fgscope.layers.run",

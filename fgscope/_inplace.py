@@ -1,7 +1,7 @@
 """Copy-on-write for recorded tensors: watch the in-place operations of a forward.
 
 PyTorch models overwrite tensors right after producing them (`ReLU(inplace=True)` after
-BatchNorm, `out += identity`, `x[...] = v`). `fgscope.capture` keeps records by reference
+BatchNorm, `out += identity`, `x[...] = v`, `torch._foreach_add_(tensors, ...)`). `fgscope.capture` keeps records by reference
 while nothing writes into them; this `TorchFunctionMode` sees every operation of the forward
 and asks the recorder to copy the records that share a storage with the tensor an operation
 is about to write into (views included), just before the write.
@@ -55,6 +55,9 @@ def inplace_targets(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     if kind == 1:
         if args and isinstance(args[0], torch.Tensor):
             targets.append(args[0])
+        elif args and isinstance(args[0], (tuple, list)):
+            # list-of-tensor in-place ops: torch._foreach_add_(tensors, ...) writes them all
+            targets.extend(t for t in args[0] if isinstance(t, torch.Tensor))
     elif kind != 0:
         # Python-level functionals such as F.relu(x, inplace=True) reach the mode before
         # the in-place kernel they dispatch to: read their `inplace` argument.

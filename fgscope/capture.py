@@ -22,6 +22,11 @@ Correctness guarantees, each covered by tests:
   ordered), so they need no watching;
 - tuple, list, dict and namedtuple outputs are recorded element by element (`name[0]`,
   `name[out]`, `name[field]`);
+- every record name is also a selection that gives back exactly that record (`relu` is a
+  module's first call, `relu:2` its second, `relu:*` all; `backbone[out]` one element);
+- functional operations (`F.relu`, `x + y`, `torch.cat`, functional pooling) are recorded
+  when selected by their torch.fx names (`fgscope.functional`), exactly like module outputs;
+- copy-on-write also covers list-of-tensor in-place ops (`torch._foreach_add_`);
 - with `on_record=`, records are streamed to a callback as they are produced and not kept.
 """
 
@@ -38,6 +43,10 @@ import torch
 from torch import nn
 
 from fgscope._inplace import CopyOnWrite, storage_key
+from fgscope.errors import LayerNotFoundError
+from fgscope.functional import OpScope, op_names
+from fgscope.names import RecordPlan, plan_records
+from fgscope.outputs import elements, first_tensor, replace_tensors
 from fgscope.selection import LayerSpec, block_modules, leaf_modules, select_layers
 
 __all__ = [
@@ -66,7 +75,11 @@ class LayerRecord:
         key: element key for structured outputs (`"0"`, `"out"`), None for a plain tensor.
         step: 0-based index of the forward pass of the model within this capture (a batch).
         index: 0-based position of this record in execution order within its forward.
-        tensor: the value, detached; `(N, C, H, W)` for feature maps, `(N, F)` for vectors.
+        tensor: the value, detached; `(N, C, H, W)` for feature maps, `(N, F)` for vectors
+            (channels-last and token layouts as produced: see `fgscope.layouts`).
+        op: for a functional operation (`fgscope.functional`), its name (`add`, `relu`,
+            `cat`); None for a module's output. `module_name` is then the module it ran in
+            and `module_type` the operation (`add()`).
     """
 
     name: str
@@ -77,6 +90,7 @@ class LayerRecord:
     step: int
     index: int
     tensor: torch.Tensor
+    op: str | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -117,31 +131,6 @@ class Recorder:
 # --- hooks -------------------------------------------------------------------------------
 
 
-def _flatten(output: Any, key: str | None = None) -> Iterator[tuple[str | None, torch.Tensor]]:
-    """(key, tensor) for each tensor in a (nested) module output; other values are skipped."""
-    if isinstance(output, torch.Tensor):
-        yield key, output
-        return
-
-    def sub(k: object) -> str:
-        return f"{key}][{k}" if key is not None else str(k)
-
-    if isinstance(output, tuple) and hasattr(output, "_fields"):  # namedtuple
-        for fname in output._fields:
-            yield from _flatten(getattr(output, fname), sub(fname))
-    elif isinstance(output, (tuple, list)):
-        for i, v in enumerate(output):
-            yield from _flatten(v, sub(i))
-    elif isinstance(output, dict):
-        for k, v in output.items():
-            yield from _flatten(v, sub(k))
-
-
-def first_tensor(output: Any) -> torch.Tensor | None:
-    """The first tensor of a (nested) module output, in record order; None if there is none."""
-    return next((t for _, t in _flatten(output)), None)
-
-
 class _Hooks:
     """The state behind one `capture` context: call counters, pending copies, watch list."""
 
@@ -151,30 +140,40 @@ class _Hooks:
         to: str | torch.device | None,
         on_record: Callable[[LayerRecord], None] | None,
         keep_graph: bool = False,
+        plan: RecordPlan | None = None,
     ) -> None:
         self.recorder = recorder
+        self.plan = plan or RecordPlan()
+        self.scope: OpScope | None = None  # the functional-operation scope, when ops are selected
+        # (scope, op, occurrence) -> [(record name, output element)] of selected operations
+        self.ops: dict[tuple[str, str, int], list[tuple[str, int | None]]] = {}
         self.to = torch.device(to) if to is not None else None
         self.on_record = on_record
         self.keep_graph = keep_graph
         self.calls: dict[str, int] = {}
         self.index = 0
         self.step = -1
+        self.produced: dict[str, list[str]] = {}
         self.pending_cuda = False
         # storage data_ptr -> indices into recorder.records of records held by reference
         self.watched: dict[int, list[int]] = {}
 
     def start_forward(self) -> None:
+        self.produced: dict[str, list[str]] = {}  # module -> record names of this forward
+        if self.scope is not None:
+            self.scope.start()
         self.step += 1
         self.recorder.steps = self.step + 1
         self.calls.clear()
         self.index = 0
 
     def end_forward(self, output: Any) -> None:
+        self._check_names()
         if self.pending_cuda:
             torch.cuda.synchronize()
             self.pending_cuda = False
         # The model's output is the caller's to modify: detach records that share its storage.
-        for _, t in _flatten(output):
+        for _, t in elements(output):
             self.before_write(t)
 
     def before_write(self, target: torch.Tensor) -> None:
@@ -191,7 +190,7 @@ class _Hooks:
         dest = self.to
         if dest is None or dest == t.device or (dest.type == t.device.type and dest.index is None):
             return t, True
-        if t.device.type == "cuda" and dest.type == "cpu":
+        if t.device.type == "cuda" and dest.type == "cpu" and not self.keep_graph:
             # Stream-ordered copy: it reads the value before any later kernel can change it.
             if self.on_record is not None:
                 return t.to("cpu"), False
@@ -201,33 +200,90 @@ class _Hooks:
             return buf, False
         return t.to(dest), False
 
-    def hook(self, module_name: str, module: nn.Module, output: Any) -> None:
+    def hook(self, module_name: str, module: nn.Module, output: Any) -> Any:
+        """Record the wanted elements of one module call; in grad mode, return the output
+        the model goes on with (copies of the recorded tensors, see `capture(grad=True)`)."""
         call = self.calls.get(module_name, 0) + 1
         self.calls[module_name] = call
         label = module_name or "output"  # the model itself (a leaf-only or TorchScript model)
         base = label if call == 1 else f"{label}:{call}"
-        for key, t in _flatten(output):
-            tensor, shared = self._place(t)
-            rec = LayerRecord(
-                name=base if key is None else f"{base}[{key}]",
-                module_name=module_name,
-                module_type=type(module).__name__,
-                call=call,
-                key=key,
-                step=max(self.step, 0),
-                index=self.index,
-                tensor=tensor,
-            )
-            self.index += 1
-            if self.on_record is not None:
-                # Streaming: the callback sees the value now; it must copy what it keeps.
-                self.on_record(rec)
-                continue
-            self.recorder.records.append(rec)
-            if shared:
-                key_ = storage_key(tensor)
-                if key_ is not None:
-                    self.watched.setdefault(key_, []).append(len(self.recorder.records) - 1)
+        handed: dict[int, torch.Tensor] = {}
+        with self.own_ops():
+            for key, t in elements(output):
+                name = base if key is None else f"{base}[{key}]"
+                self.produced.setdefault(module_name, []).append(name)
+                if not self.plan.wants(module_name, call, key):
+                    continue
+                self.record(name, module_name, type(module).__name__, call, key, t)
+                if self.keep_graph and t.requires_grad:
+                    handed[id(t)] = t.clone()
+            if handed:
+                return replace_tensors(output, handed)
+        return None
+
+    def _check_names(self) -> None:
+        """A record asked for by a call or an element that this forward did not produce (an
+        element key the output does not have, a third call of a module called twice)."""
+        for module, names in self.plan.modules.items():
+            for rn in names or ():
+                if rn.key is None and rn.call in (None, 1):
+                    continue
+                produced = self.produced.get(module, [])
+                if not any(n == str(rn) or n.startswith(str(rn) + "[") for n in produced):
+                    gave = ", ".join(produced[:6]) if produced else "no output"
+                    raise LayerNotFoundError(
+                        f"no record named {str(rn)!r}: the forward gave {gave}",
+                        hint="run `fgscope summary MODEL --layers all` to list every record name",
+                    )
+
+    def on_op(self, scope: str, op: str, k: int, func: Any, out: Any) -> None:
+        """A functional operation ran (`fgscope.functional.OpScope`): record it if selected."""
+        for name, element in self.ops.get((scope, op, k), ()):
+            value = out[element] if element is not None else out
+            for key, t in elements(value):
+                self.record(name if key is None else f"{name}[{key}]", scope, f"{op}()", 1, key, t,
+                            op=op)
+
+    def own_ops(self) -> contextlib.AbstractContextManager:
+        """Hide this recorder's own operations (detach, copies) from the functional scope."""
+        scope = self.scope
+        if scope is None:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def paused() -> Iterator[None]:
+            scope.paused += 1
+            try:
+                yield
+            finally:
+                scope.paused -= 1
+
+        return paused()
+
+    def record(self, name: str, module_name: str, module_type: str, call: int, key: str | None,
+               t: torch.Tensor, op: str | None = None) -> None:
+        tensor, shared = self._place(t)
+        rec = LayerRecord(
+            name=name,
+            module_name=module_name,
+            module_type=module_type,
+            call=call,
+            key=key,
+            step=max(self.step, 0),
+            index=self.index,
+            tensor=tensor,
+            op=op,
+        )
+        self.index += 1
+        if self.on_record is not None:
+            # Streaming: the callback sees the value now; it must copy what it keeps.
+            self.on_record(rec)
+            return
+        self.recorder.records.append(rec)
+        if shared:
+            key_ = storage_key(tensor)
+            if key_ is not None:
+                self.watched.setdefault(key_, []).append(len(self.recorder.records) - 1)
 
 
 @contextlib.contextmanager
@@ -246,17 +302,27 @@ def capture(
     Args:
         model: any `nn.Module`; it is not changed (hooks removed, `training` and
             `requires_grad` restored on exit, also when the body raises).
-        layers: which modules to record (`LayerSpec`, see `fgscope.selection`); resolved
-            before anything runs.
+        layers: what to record (`LayerSpec`, see `fgscope.selection`): modules, exact
+            record names (`layer1.0.relu:2`, `backbone[out]`), torch.fx names of functional
+            operations (`layer1.0.add`, `relu_1`) or `ops` for all of them; resolved before
+            anything runs.
         to: where kept records live: `"cpu"` (default), a device, or None to leave them on
             the device that produced them.
         on_record: stream each record to this callback instead of keeping it. The tensor is
             exact at the moment of the call; the callback must copy what it keeps.
         grad: run with autograd and keep records attached to the graph (for Grad-CAM:
             `torch.autograd.grad(score, record.tensor)`); by default the body runs under
-            `torch.inference_mode()` and records are detached.
+            `torch.inference_mode()` and records are detached. A recorded module output that
+            requires grad is handed on to the model as a copy, so that what the model later
+            writes in place (`ReLU(inplace=True)`, `out += x`) leaves the record exact *and*
+            on the graph: the gradient is the one with respect to the value as produced.
+            What stays off the graph: a record the model writes into without the module
+            having made it (an `nn.Identity` output that aliases its input), and records
+            copied across devices while the model runs (`to="cpu"` from CUDA is a plain
+            differentiable `.to()` in grad mode).
         eval_mode: put the model in eval mode for the duration (restored on exit).
-        example_input: needed only for `layers="stages"`.
+        example_input: needed for `layers="stages"` and for functional operations (they
+            are found in one run of the model's torch.fx graph on it).
 
     Yields:
         A `Recorder` whose `records` fill as the model runs.
@@ -265,16 +331,23 @@ def capture(
         LayerNotFoundError: before any forward, when a layer name matches nothing.
     """
     selected = select_layers(model, layers, example_input)
+    modules = dict(model.named_modules())
+    plan = plan_records(selected, modules)
     recorder = Recorder(modules=selected)
-    state = _Hooks(recorder, to, on_record, keep_graph=grad)
+    state = _Hooks(recorder, to, on_record, keep_graph=grad, plan=plan)
+    if plan.ops:
+        by_event = op_names(model, example_input).by_event()
+        wanted = set(plan.ops)
+        state.ops = {e: [(n, el) for n, el in refs if n in wanted] for e, refs in by_event.items()}
+        state.scope = OpScope(state.on_op)
     training = {m: m.training for m in model.modules()}
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         handles.append(model.register_forward_pre_hook(lambda m, a: state.start_forward()))
-        for name, module in selected.items():
+        for name in plan.modules:
             handles.append(
-                module.register_forward_hook(
+                modules[name].register_forward_hook(
                     lambda m, a, out, _name=name: state.hook(_name, m, out)
                 )
             )
@@ -287,6 +360,9 @@ def capture(
                 stack.enter_context(torch.inference_mode())
             if on_record is None:
                 stack.enter_context(CopyOnWrite(state))
+            if state.scope is not None:
+                stack.enter_context(state.scope.hooked(model))
+                stack.enter_context(state.scope)
             yield recorder
         if state.pending_cuda:
             torch.cuda.synchronize()

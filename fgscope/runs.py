@@ -3,7 +3,8 @@
 Every command that writes files writes them into one folder with a manifest (fgscope and
 torch versions, model source and hash, image list and hashes, the exact command line,
 device, dtype, timings). An existing folder is never overwritten silently: without
-`overwrite`, a new numbered run folder is made beside it.
+`overwrite`, a new numbered run folder is made beside it and an `OutputRedirected` warning
+names it (`choose_run_dir` returns the same as data).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import platform
 import secrets
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,9 @@ from fgscope.errors import OutputError
 __all__ = [
     "RunDir",
     "new_run_dir",
+    "choose_run_dir",
+    "OutChoice",
+    "OutputRedirected",
     "owned_files",
     "JOURNAL",
     "write_json",
@@ -102,30 +107,62 @@ def _json_default(o: Any) -> Any:
 JOURNAL = ".fgscope-files"  # one relative path per line, appended as each file is written
 
 
-def new_run_dir(
+class OutputRedirected(UserWarning):
+    """`--out` held files, so the run writes into a new folder beside it (named in the
+    message). `fgscope` turns it into a `warning:` line on stderr; in Python it is an
+    ordinary warning (`warnings.simplefilter("error", OutputRedirected)` makes it an error)."""
+
+
+@dataclass(frozen=True)
+class OutChoice:
+    """Where a run writes, and why there.
+
+    Attributes:
+        path: the folder to write into (exists, empty or emptied of fgscope's own files).
+        requested: the `out` that was asked for (absolute), None for the default folder.
+        redirected: `requested` held files and `overwrite` was not given, so `path` is a new
+            numbered folder beside it (`DIR-2`, `DIR-3`, ...).
+    """
+
+    path: Path
+    requested: Path | None
+    redirected: bool = False
+
+    def message(self) -> str:
+        """The one-line warning of a redirected run ("" when it was not redirected)."""
+        if not self.redirected:
+            return ""
+        return (f"--out {self.requested} holds files: writing into {self.path} instead "
+                f"(--overwrite reuses {self.requested}, removing only an earlier fgscope "
+                "run's files)")
+
+
+def choose_run_dir(
     out: Path | None,
     command: str,
     overwrite: bool = False,
     inputs: Sequence[str | os.PathLike[str] | None] = (),
-) -> Path:
-    """The folder to write into.
+) -> OutChoice:
+    """The folder to write into, created, and whether it is the one asked for.
 
     Args:
         out: requested folder; None = a new folder `fgscope-out/<command>-<timestamp>`.
         command: the command's name, used in default folder names.
         overwrite: reuse an existing `out`, removing only the files an earlier fgscope run
             wrote there (those its manifest and journal list); a folder holding anything else
-            is refused, never emptied.
+            is refused, never emptied. Without it, an `out` that holds files is left alone
+            and a new numbered folder beside it is used (`OutChoice.redirected`).
         inputs: the run's input paths (images, folders, run folders); `out` may not be one of
             them or lie inside one (outputs would be read back as inputs, or deleted inputs).
 
     Returns:
-        An existing, empty (or, with `overwrite`, emptied of fgscope's files) folder.
+        The chosen folder: existing, empty (or, with `overwrite`, emptied of fgscope's files).
 
     Raises:
         OutputError: `out` is a file, an input or inside one, holds files fgscope did not
             write (with `overwrite`), or cannot be created.
     """
+    requested = None if out is None else Path(os.path.abspath(Path(out).expanduser()))
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = DEFAULT_ROOT / f"{command}-{stamp}"
@@ -133,6 +170,7 @@ def new_run_dir(
     _refuse_inputs(out, inputs)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a folder", hint="choose another --out")
+    redirected = False
     if out.exists() and any(out.iterdir()):
         if overwrite:
             _remove_own_files(out)
@@ -140,12 +178,31 @@ def new_run_dir(
             n = 2
             while (cand := out.with_name(f"{out.name}-{n}")).exists():
                 n += 1
-            out = cand
+            out, redirected = cand, requested is not None
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {out}: {exc.strerror or exc}") from None
-    return out
+    return OutChoice(out, requested, redirected)
+
+
+def new_run_dir(
+    out: Path | None,
+    command: str,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
+) -> Path:
+    """`choose_run_dir(...).path`; a run redirected away from the `out` asked for is told
+    with an `OutputRedirected` warning (library code does not print; the CLI shows it as a
+    `warning:` line on stderr naming the folder actually used).
+
+    Raises:
+        OutputError: see `choose_run_dir`.
+    """
+    choice = choose_run_dir(out, command, overwrite, inputs)
+    if choice.redirected:
+        warnings.warn(OutputRedirected(choice.message()), stacklevel=2)
+    return choice.path
 
 
 def _refuse_inputs(out: Path, inputs: Sequence[str | os.PathLike[str] | None]) -> None:

@@ -88,10 +88,32 @@ def test_pooling_gain_beyond_and_within_the_noise():
 
 
 def test_weak_evidence_and_flat_curves_are_said():
-    weak = make_advice(make_probe({("avg", "fine"): [0.1, 0.11, 0.12, 0.11]}, std=0.03))
+    probe = make_probe({("avg", "fine"): [0.1, 0.16, 0.22, 0.11]}, std=0.01)
+    probe["rows"][2]["acc_std"] = 0.07  # the best is within two stds of chance, l2 is not
+    weak = make_advice(probe)
     assert "evidence is weak" in weak.text
+    assert weak.numbers["discriminates"] is True
     flat = make_advice(make_probe({("avg", "fine"): [0.8, 0.81, 0.8, 0.8]}, std=0.03))
     assert "curve is flat" in flat.text and len(flat.tap_layers) == 4
+
+
+@pytest.mark.parametrize("where", ["ceiling", "chance"])
+def test_probes_at_ceiling_or_chance_make_no_stage_recommendation(where):
+    """Every probe 1.000 ± 0.000 (or at chance): the curves cannot discriminate between layers."""
+    accs = [1.0, 1.0, 1.0, 1.0] if where == "ceiling" else [0.1, 0.11, 0.1, 0.12]
+    curves = {("avg", "fine"): accs, ("bilinear", "fine"): accs, ("avg", "coarse"): [1.0] * 4}
+    adv = make_advice(make_probe(curves, std=0.0 if where == "ceiling" else 0.01))
+    assert adv.finetune_stages == () and adv.tap_layers == () and adv.over_compression_after is None
+    assert adv.best_pooling["significant"] is False
+    assert "cannot tell the layers apart" in adv.text and "no stage recommendation" in adv.text
+    assert "Fine-tune" not in adv.text and "Tap" not in adv.text
+    stuck = adv.numbers["indiscriminate"]
+    assert stuck["at"] == where and stuck["probes"] == 8 and adv.numbers["discriminates"] is False
+    assert stuck["noise_floor"] == pytest.approx(5 / 200)  # one test image per fold
+    assert ("the ceiling (1.000)" if where == "ceiling" else "chance (0.100)") in adv.text
+    # one probe clearly below the ceiling (beyond two noises): the curves discriminate again
+    adv = make_advice(make_probe({("avg", "fine"): [0.9, 1.0, 1.0, 1.0]}, std=0.0))
+    assert adv.numbers["discriminates"] is True and adv.finetune_stages == ("middle", "late")
 
 
 def test_part_size_uses_the_stride():

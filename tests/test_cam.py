@@ -253,3 +253,57 @@ def test_cli_default_mobilenet(tmp_path):
     res = compute_cams("mobilenet_v2", None, "features.13", contrast=("Siamese cat", "persian cat"))
     assert res.contrast == (ClassRef(284, "Siamese cat"), ClassRef(283, "Persian cat"))
     assert [lay.name for lay in res.layers] == ["features.13"] and res.layers[0].shape == [96, 14, 14]
+
+
+# --- the figure: rows of at most six panels, at most 23 layers --------------------------------
+
+
+def _fake_result(n_layers: int):
+    from fgscope.cam.compute import CamLayer, CamResult
+
+    rng = np.random.default_rng(0)
+    layers = [
+        CamLayer(f"layer{i // 4}.{i % 4}", 2.0 ** (1 + i // 24), 7.0 + 8 * i, "early", [4, 4, 4],
+                 torch.from_numpy(rng.random((4, 4), dtype=np.float32)), torch.ones(4), [3, 5], [1, 1])
+        for i in range(n_layers)
+    ]
+    return CamResult("x.png", _image(32), ClassRef(0, "tabby"), None, 1.0, layers, None, None, "cpu")
+
+
+def _panels_per_row(fig) -> list[int]:
+    """Image panels (not the colorbar) grouped by their bottom edge, top row first."""
+    rows: dict[float, int] = {}
+    for ax in fig.axes:
+        if ax.images:
+            y = round(ax.get_position().y0, 4)
+            rows[y] = rows.get(y, 0) + 1
+    return [rows[y] for y in sorted(rows, reverse=True)]
+
+
+@pytest.mark.parametrize("n_layers,rows", [(5, [6]), (9, [5, 5]), (96, [6, 6, 6, 6])])
+def test_cam_figure_wraps_into_rows_and_caps_its_panels(n_layers, rows):
+    from fgscope.cam.figure import cam_figure
+
+    fig = _fake_result(n_layers)
+    figure = cam_figure(fig)
+    assert _panels_per_row(figure) == rows
+    texts = [t.get_text() for t in figure.texts]
+    left_out = [t for t in texts if "layers shown" in t]
+    if n_layers > 23:  # 23 layers spread over depth, the first and the last kept, and a note
+        assert left_out == [f"23 of {n_layers} layers shown, spread over depth; every layer's map "
+                            "is in cam_NN_<layer>.png and cam_raw.npz"]
+        titles = [ax.get_title().split("\n")[0] for ax in figure.axes if ax.images][1:]
+        assert titles[0] == "layer0.0" and titles[-1] == f"layer{(n_layers - 1) // 4}.{(n_layers - 1) % 4}"
+    else:
+        assert left_out == []
+    width_in = figure.get_size_inches()[0]
+    assert width_in <= 16
+
+
+def test_panel_rows_and_shown_layers():
+    from fgscope.cam.figure import panel_rows, shown_layers
+
+    assert panel_rows(6) == [6] and panel_rows(7) == [4, 3] and panel_rows(13) == [5, 4, 4]
+    assert shown_layers(5) == [0, 1, 2, 3, 4]
+    picked = shown_layers(96, 23)
+    assert len(picked) == 23 and picked[0] == 0 and picked[-1] == 95 and picked == sorted(set(picked))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import types
+
 import pytest
 import torch
 import torchvision
@@ -176,7 +179,7 @@ def test_streaming_keeps_nothing_and_sees_exact_values(tiny, tiny_input):
 
 
 def test_several_forwards_count_steps(tiny):
-    with capture(tiny, "block.relu") as rec:
+    with capture(tiny, "block.relu:*") as rec:
         tiny(torch.randn(1, 3, 16, 16))
         tiny(torch.randn(3, 3, 16, 16))
     assert [(r.name, r.step) for r in rec.records] == [
@@ -235,3 +238,77 @@ def test_public_api_capture_is_callable_after_submodule_import(tiny):
     with fgscope.capture(tiny, "fc") as rec:
         tiny(torch.randn(1, 3, 16, 16))
     assert rec.names() == ["fc"]
+
+
+def test_foreach_inplace_ops_are_copied_on_write():
+    class Foreach(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Identity(), nn.Identity()
+
+        def forward(self, x):
+            y, z = self.a(x * 1.0), self.b(x * 2.0)
+            torch._foreach_add_([y, z], 5.0)  # writes both records' storage
+            torch._foreach_mul_([y, z], [y, z])
+            return y + z
+
+    m = Foreach()
+    x = torch.randn(2, 3)
+    expected = reference_records(m, x, ["a", "b"])
+    with capture(m) as rec:
+        m(x)
+    for r, (name, t) in zip(rec.records, expected):
+        assert r.name == name and torch.equal(r.tensor, t), name
+
+
+def test_grad_records_stay_on_the_graph_when_overwritten_in_place(tiny):
+    """stem.1 (BatchNorm) is overwritten by ReLU(inplace=True), block.bn2 by `out += x`."""
+    x = torch.randn(1, 3, 16, 16)
+    names = ["stem.1", "block.bn2", "block.relu:2"]
+    expected = dict(reference_records(tiny, x, ["stem.1", "block.bn2", "block.relu"]))
+    with capture(tiny, names, grad=True) as rec:
+        y = tiny(x)
+        grads = torch.autograd.grad(y[0, 1], [r.tensor for r in rec.records])
+    assert [r.name for r in rec.records] == names
+    for r in rec.records:
+        assert torch.equal(r.tensor.detach(), expected[r.name]), r.name
+    # the reference: a copy without in-place ops, gradients of the same values
+    ref = copy.deepcopy(tiny)
+
+    def no_inplace_forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + x)
+
+    ref.stem[2].inplace = False
+    ref.block.forward = types.MethodType(no_inplace_forward, ref.block)
+    seen = {}
+    ref.stem[1].register_forward_hook(lambda m, a, o: seen.setdefault("stem.1", o))
+    ref.block.bn2.register_forward_hook(lambda m, a, o: seen.setdefault("block.bn2", o))
+    ref.block.register_forward_hook(lambda m, a, o: seen.setdefault("block.relu:2", o))
+    y_ref = ref(x)
+    want = torch.autograd.grad(y_ref[0, 1], [seen[n] for n in names])
+    for g, w, n in zip(grads, want, names):
+        assert g is not None and torch.allclose(g, w, atol=1e-6), n
+    assert _no_hooks(tiny)
+
+
+def test_calls_and_elements_are_selected_by_record_name(tiny, tiny_input):
+    with capture(tiny, "block.relu:2") as rec:
+        tiny(tiny_input)
+    assert rec.names() == ["block.relu:2"]
+    with capture(tiny, "block.relu") as rec:  # a plain name is the first call (as in torch.fx)
+        tiny(tiny_input)
+    assert rec.names() == ["block.relu"]
+    with capture(tiny, "block.relu_1") as rec:  # torch.fx's name of the second call
+        tiny(tiny_input)
+    assert rec.names() == ["block.relu:2"]
+    with capture(tiny, "block.relu:*") as rec:
+        tiny(tiny_input)
+    assert rec.names() == ["block.relu", "block.relu:2"]
+
+
+def test_functional_capture_removes_its_hooks(tiny, tiny_input):
+    with capture(tiny, "flatten", example_input=tiny_input[:1]) as rec:
+        tiny(tiny_input)
+    assert rec.names() == ["flatten"] and rec.records[0].shape == (16,)
+    assert _no_hooks(tiny)

@@ -590,7 +590,7 @@ def test_torchrun_two_ranks_give_the_same_union_as_one_process(tmp_path):
                           "--out", str(tmp_path / "two")],
                          env=_env(), capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stdout + two.stderr
-    assert "part 1/2" in two.stdout and "part 2/2" in two.stdout
+    assert "part 0/2" in two.stdout and "part 1/2" in two.stdout  # 0-based, as --shard i/N
     a, b = store.open(tmp_path / "one"), store.open(tmp_path / "two")
     assert b.complete and len(b) == 11 and a.paths == b.paths
     assert a.labels.tolist() == b.labels.tolist() and a.layers == b.layers

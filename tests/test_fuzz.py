@@ -171,8 +171,8 @@ def test_error_text_is_never_markup(world, tmp_path):
     result = run("layers", *MODEL, str(world["bad"] / "a[b]c.jpg"), "--out", tmp_path / "o")
     check_clean(result, "a[b]c")
     assert result.exit_code == 5 and "a[b]c.jpg" in result.stderr, result.stderr
-    result = run("summary", *MODEL, "--layers", "layer1[0]")
-    assert result.exit_code == 6 and "layer1[0]" in result.stderr, result.stderr
+    result = run("summary", *MODEL, "--layers", "layer1[nope]")
+    assert result.exit_code == 6 and "layer1[nope]" in result.stderr, result.stderr
 
 
 def test_verbose_shows_torch_traceback(world):

@@ -21,6 +21,7 @@ from fgscope.metrics import (
     max_activation,
     max_pool,
     mean_activation,
+    negative_fraction,
     participation_ratio,
     pool,
     sparsity,
@@ -68,9 +69,25 @@ def _correlated(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_simple_stats_by_hand():
     x = torch.tensor([[[[0.0, 1.0], [-2.0, 3.0]]], [[[5.0, 5.0], [5.0, -1.0]]]])  # (2, 1, 2, 2)
-    assert sparsity(x).tolist() == [0.5, 0.25]
+    assert sparsity(x).tolist() == [0.25, 0.0]  # exact zeros only: a negative is not inactive
+    assert negative_fraction(x).tolist() == [0.25, 0.25]
     assert mean_activation(x).tolist() == [0.5, 3.5]
     assert max_activation(x).tolist() == [3.0, 5.0]
+
+
+def test_sparsity_of_a_post_relu_map_with_known_zeros_is_exact():
+    g = _gen(3)
+    pre = torch.randn(3, 8, 5, 7, generator=g)  # continuous: no exact zeros before the ReLU
+    x = torch.relu(pre)
+    zeros = (pre <= 0).flatten(1).sum(1)  # (N,) the units ReLU switched off
+    assert torch.equal(sparsity(x) * 280, zeros.float())  # counts exactly the switched-off units
+    assert negative_fraction(x).tolist() == [0.0, 0.0, 0.0]
+    # a signed map (before the ReLU) has no exact zeros but about half negative values
+    assert sparsity(pre).tolist() == [0.0, 0.0, 0.0]
+    assert torch.equal(negative_fraction(pre) * 280, zeros.float())
+    hand = torch.relu(torch.tensor([[-1.0, 0.5, -0.0, 2.0, -3.0]]))  # (1, 5): three zeros
+    assert sparsity(hand).item() == torch.tensor(3 / 5).item()  # 3 of 5, in float32
+    assert negative_fraction(hand).item() == 0.0
 
 
 def test_spatial_energy_is_channel_mean_of_squares():
@@ -361,6 +378,7 @@ def _minibatch_rect(xs):
 
 _FEATURE_MAP_FUNCS = {
     "sparsity": lambda xs: sparsity(xs[0]),
+    "negative_fraction": lambda xs: negative_fraction(xs[0]),
     "mean_activation": lambda xs: mean_activation(xs[0]),
     "max_activation": lambda xs: max_activation(xs[0]),
     "spatial_energy": lambda xs: spatial_energy(xs[0]),

@@ -358,3 +358,50 @@ def test_import_is_light_and_figures_never_use_pyplot() -> None:
         "assert 'matplotlib.pyplot' not in sys.modules and 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the size of the smallest text, recorded in every PNG (the report keeps it readable) -------
+
+
+def test_pngs_record_their_smallest_text_in_pixels(tmp_path):
+    from matplotlib.figure import Figure
+    from PIL import Image as _Image
+
+    from fgscope.render import TEXT_PX_KEY, min_text_pt, render_grid, save_figure, save_png
+
+    fig = Figure(figsize=(3, 2))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1])
+    ax.set_title("title", fontsize=11)
+    ax.tick_params(labelsize=6.5)
+    assert min_text_pt(fig) == 6.5  # tick labels count, without drawing
+    save_figure(fig, tmp_path / "f.png", ("png", "svg"), dpi=144)
+    with _Image.open(tmp_path / "f.png") as im:
+        assert im.text[TEXT_PX_KEY] == "13.0"  # 6.5 pt at 144 dpi
+    blank = Figure(figsize=(1, 1))
+    blank.add_axes((0, 0, 1, 1)).set_axis_off()
+    assert min_text_pt(blank) is None
+    grid = render_grid(np.random.default_rng(0).random((4, 5, 5), dtype=np.float32))
+    save_png(grid, tmp_path / "g.png")
+    with _Image.open(tmp_path / "g.png") as im:
+        assert float(im.text[TEXT_PX_KEY]) >= 11  # the tile labels
+
+
+def test_report_images_keep_text_readable(tmp_path):
+    import re
+
+    from PIL import Image as _Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from fgscope.render import TEXT_PX_KEY
+    from fgscope.report.html import READABLE_PX, img_html
+
+    info = PngInfo()
+    info.add_text(TEXT_PX_KEY, "16")
+    _Image.new("RGB", (2000, 500)).save(tmp_path / "wide.png", pnginfo=info)
+    html = img_html(tmp_path / "wide.png", "a wide figure")
+    min_w = int(re.search(r'min-width:(\d+)px', html).group(1))
+    assert min_w * 16 / 2000 >= READABLE_PX and min_w < 1100  # shown at >= 8 px text, no wider
+    assert 'data-text-px="16"' in html and '<div class="pan">' in html and 'class="swipe"' in html
+    _Image.new("RGB", (100, 50)).save(tmp_path / "plain.png")  # no record: 11 px assumed
+    assert 'data-text-px="11"' in img_html(tmp_path / "plain.png", "x")

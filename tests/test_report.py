@@ -7,6 +7,7 @@ test runs the documented command on the embedded MobileNetV2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -194,7 +195,9 @@ def test_stage_layers_match_the_hierarchy_figure(live):
 
     out, _ = live
     rows = json.loads((out / "layers" / "layers.json").read_text())["layers"]
-    expected = [r.name for r in hierarchy_columns([LayerStats(**r) for r in rows])]
+    fields = {f.name for f in dataclasses.fields(LayerStats)}  # the files add a `grid` column
+    expected = [r.name for r in hierarchy_columns([LayerStats(**{k: v for k, v in r.items() if k in fields})
+                                                   for r in rows])]
     assert [r["name"] for r in sections.stage_layers(rows)] == expected
     _, cols, labels = load_hierarchy(out / "hierarchy.npz")
     assert [c.name for c in cols] == expected and labels == ["img0.png", "img1.png", "img2.png"]
@@ -289,7 +292,8 @@ def _contract_runs(root: Path) -> list[Path]:
     (advise / "advice.json").write_text(json.dumps({
         "text": "## Where it lives\n\n- **Tap `l2`.** It is *best*.\n- Freeze the rest.",
         "tap_layers": ["l2"], "over_compression_after": "l2",
-        "best_pooling": {"fine": "avg", "significant": False}, "finetune_stages": ["middle"],
+        "best_pooling": {"fine": "avg", "gain": 0.004, "significant": False, "best_by_mean": "bilinear"},
+        "finetune_stages": ["middle"],
         "numbers": {}}))
     sim = root / "similarity"
     _manifest(sim, "similarity")
@@ -308,7 +312,8 @@ def _contract_runs(root: Path) -> list[Path]:
         "layers": [{"name": "layer4.1", "type": "BasicBlock", "source_shape": [512, 2, 2],
                     "shape": [512], "dtype": "float16", "pool": "avg"}],
         "shards": [{"file": "shards/a.safetensors"}], "paths": ["a.png", "b.png"],
-        "labels": [0, 1], "failures": [], "rows": 2, "complete": True}))
+        "labels": [0, 1], "failures": [], "rows": 2, "complete": True,
+        "manifest": {"command": "fgscope dump", "model": {"spec": "resnet18", "sha256": None}}}))
     return [cam, probe, advise, sim, dump]
 
 
@@ -326,8 +331,15 @@ def test_from_runs_in_the_documented_formats(live, tmp_path):
     assert "cat&lt;1&gt;.jpg" in page and "<script>alert" not in page
     assert '<span class="best">60.0</span>' in page and '<span class="best">90.0</span>' in page
     assert "<h3>Where it lives</h3>" in page and "<strong>Tap <code>l2</code>.</strong>" in page
-    assert "<em>best</em>" in page and "fine: <span" in page
-    assert "layer4.1" in page and "float16" in page
+    assert "<em>best</em>" in page
+    # advice as sentences, not a dict
+    assert ('<span class="mono">avg</span> is enough: the best alternative, <span class="mono">'
+            'bilinear</span>, changes accuracy by +0.004, within the spread over folds') in page
+    assert "best_by_mean" not in page and "significant" not in page
+    assert "accumulated over minibatches" in page.split('id="similarity"')[1].split("</section>")[0]
+    dump_html = page.split('id="dump"')[1].split("</section>")[0]
+    assert "layer4.1" in dump_html and "float16" in dump_html
+    assert '<th scope="row">model</th><td><span class="mono">resnet18</span>' in dump_html
     assert "Alain &amp; Bengio 2016" in page and 'id="ref-selvaraju2017"' in page
     names = sorted(p.name for p in res.figures)
     assert names == ["cam.svg", "geometry.svg", "probe.svg", "similarity.svg"]
@@ -356,8 +368,9 @@ def test_table_sort_values_and_alignment():
         [[page_html.Cell("a", "a", "l nm"), page_html.Cell("1.5", 1.5)],
          [page_html.Cell("b", "b", "l nm"), page_html.Cell("", None)]],
     )
-    ET.fromstring(t)
+    ET.fromstring(f"<div>{t}</div>")  # the box, then the note shown when it scrolls
     assert '<th scope="col" class="l nm" title="tip &quot;q&quot;">name</th>' in t
+    assert t.endswith('<p class="swipe">scroll sideways for the rest →</p>')
     assert 'data-v="1.5"' in t and 'data-v=""' in t and 'class="sortable"' in t
 
 
@@ -399,6 +412,45 @@ def test_hierarchy_paper_checks_shapes_and_constant_maps():
 
 
 # --- bad input ---------------------------------------------------------------------------------------
+
+
+def test_similarity_text_follows_its_method(tmp_path):
+    from fgscope.report.results import similarity_section
+
+    folder = tmp_path / "sim"
+    _manifest(folder, "similarity", model={"spec": "resnet18"})
+    cases = (("full", "computed on all the images at once", "minibatch", "full: all images at once (12)"),
+             ("minibatch", "accumulated over minibatches", "all the images at once",
+              "minibatch: 3 batches of 4 images"))
+    for method, says, never, row in cases:
+        (folder / "similarity.json").write_text(json.dumps({
+            "model": "resnet18", "layers_x": ["a"], "layers_y": ["a"], "n_images": 12,
+            "method": method, "batch_size": 4, "n_batches": 3}))
+        sec = similarity_section(runs.RunFolder("similarity", folder, {}))
+        assert says in sec.lead and never not in sec.lead + sec.body and row in sec.body
+
+
+def test_from_refuses_runs_of_different_models(live, tmp_path):
+    out, _ = live
+    cam = tmp_path / "cam"
+    _manifest(cam, "cam", model={"spec": "mobilenet_v2", "kind": "torchvision", "sha256": "b0353104aa"})
+    (cam / "cam.json").write_text("{}")
+    with pytest.raises(ConfigError) as exc:
+        runs.load_runs([out / "layers", cam])
+    msg = str(exc.value)
+    assert "mixes runs of different models" in msg and "resnet18 (layers:" in msg
+    assert f"mobilenet_v2 (cam: {cam})" in msg and "\n" not in msg
+    result = _cli("--from", out / "layers", cam, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "different models" in result.stderr
+    assert not (tmp_path / "r").exists()
+    # the same model, named differently, is one model
+    same = tmp_path / "cam2"
+    _manifest(same, "cam", model={"spec": "torchvision:resnet18", "kind": "torchvision"})
+    assert runs.load_runs([out / "layers", same]).cams[0].path == same
+    # a report without a layers run is titled with the model of the runs it shows
+    _, res = run_report(ReportConfig(from_dirs=_contract_runs(tmp_path / "runs")[:2], out=tmp_path / "r2",
+                                     formats=("png",)))
+    assert "<title>fgscope report: resnet18</title>" in res.html.read_text()
 
 
 def test_load_runs_errors_are_one_line(tmp_path):

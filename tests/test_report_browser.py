@@ -4,7 +4,10 @@ Chromium is driven through the DevTools protocol over a pipe (`--remote-debuggin
 NUL-separated JSON on file descriptors 3 and 4), so no driver, port or Python package is
 needed. Checks: no console errors or uncaught exceptions, no request other than the file
 itself and data: URIs, every image decoded (naturalWidth > 0), no sideways scrolling on a
-phone, the table sorts; screenshots at laptop (1280x800) and phone (390x844) widths.
+phone, the table sorts; every figure's smallest text is at least 8 CSS px high as rendered
+(its rendered scale times the pixel font size the PNG records), every column of every
+table can be scrolled into view (and a note says so where a box scrolls); screenshots at
+laptop (1280x800) and phone (390x844) widths.
 
 Chromium comes from Debian's `chromium` package (`make test` installs it). Without it the
 tests skip locally and FAIL when the environment variable CI is set. Set
@@ -214,7 +217,9 @@ def chromium() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def report_html(tmp_path_factory) -> Path:
-    """A live report of a small random-init ResNet-18 on four tiny images."""
+    """A live report of a small random-init ResNet-18 on ten tiny images (enough for the
+    columns that need the most images, debiased CKA and the participation ratio across
+    images: the widest table)."""
     import numpy as np
 
     from fgscope.report.run import ReportConfig, run_report
@@ -222,7 +227,7 @@ def report_html(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("browser")
     rng = np.random.default_rng(0)
     paths = []
-    for i in range(4):
+    for i in range(10):
         p = root / f"img{i}.png"
         Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(p)
         paths.append(str(p))
@@ -273,6 +278,73 @@ def test_table_sorts_by_clicked_column(chromium, report_html):
         down = page.eval(values)
         assert sorted(before) == up and sorted(before, reverse=True) == down
         assert page.errors() == []
+
+
+# Per image: [alt, rendered width, natural width, the PNG's smallest text in px (or null)].
+_FIGURES = ("Array.from(document.querySelectorAll('figure img')).map(i => [i.alt, "
+            "i.getBoundingClientRect().width, i.naturalWidth, "
+            "i.dataset.textPx ? Number(i.dataset.textPx) : null])")
+
+
+@pytest.mark.parametrize("name,size,mobile", [("laptop", LAPTOP, False), ("phone", PHONE, True)])
+def test_figure_text_is_readable(chromium, report_html, tmp_path, name, size, mobile):
+    """Scaled to fit the page, no figure's smallest text falls under 8 CSS px."""
+    with Chromium(chromium) as browser:
+        page = browser.open(report_html.resolve().as_uri(), size, mobile)
+        figures = page.eval(_FIGURES)
+        assert len(figures) >= 5  # hierarchy, geometry, grids, Grad-CAM, similarity
+        small = []
+        for alt, shown, natural, text_px in figures:
+            assert text_px is not None, f"{alt}: no recorded text size"
+            css_px = shown / natural * text_px
+            if css_px < 8.0:
+                small.append(f"{alt}: {css_px:.1f} px")
+        assert small == [], small
+        # What does not fit scrolls inside its box, never the page, and says so.
+        assert page.eval("document.documentElement.scrollWidth") <= size[0]
+        hidden_notes = page.eval(
+            "Array.from(document.querySelectorAll('.pan.overflows, .scroll.overflows')).filter("
+            "b => getComputedStyle(b.nextElementSibling).display === 'none').length")
+        assert hidden_notes == 0
+        page.eval("location.hash = 'hierarchy'; new Promise(r => requestAnimationFrame("
+                  "() => requestAnimationFrame(r)))")
+        _keep(page.screenshot(tmp_path / f"report_{name}_readable.png"))
+
+
+@pytest.mark.parametrize("name,size,mobile", [("laptop", LAPTOP, False), ("phone", PHONE, True)])
+def test_every_table_column_can_be_reached(chromium, report_html, tmp_path, name, size, mobile):
+    """Each header can be scrolled into view inside its box, clear of the pinned name column."""
+    js = """(() => {
+      const out = [];
+      document.querySelectorAll('.scroll table').forEach((table, t) => {
+        const box = table.closest('.scroll');
+        const heads = Array.from(table.tHead ? table.tHead.rows[0].cells : []);
+        const pinned = heads.find(h => h.classList.contains('nm'));
+        heads.forEach(th => {
+          box.scrollLeft = 0;
+          const cover = pinned && th !== pinned ? pinned.getBoundingClientRect().width : 0;
+          const x = th.getBoundingClientRect().left - box.getBoundingClientRect().left;
+          box.scrollLeft = Math.max(0, Math.floor(x - cover));  // scrollLeft is whole pixels
+          const r = th.getBoundingClientRect(), b = box.getBoundingClientRect();
+          const p = pinned ? pinned.getBoundingClientRect() : null;
+          const clear = !p || th === pinned || r.left >= p.right - 1 || r.right <= p.left + 1;
+          const ok = r.width > 0 && r.left >= Math.max(0, b.left) - 1 &&
+            r.right <= Math.min(innerWidth, b.right) + 1 && clear;
+          if (!ok) out.push(t + ':' + th.textContent);
+        });
+        box.scrollLeft = 0;
+      });
+      return out;
+    })()"""
+    with Chromium(chromium) as browser:
+        page = browser.open(report_html.resolve().as_uri(), size, mobile)
+        assert page.eval("document.querySelectorAll('.scroll table').length") >= 4
+        assert page.eval(js) == []
+        heads = page.eval("Array.from(document.querySelectorAll('#table thead th')).map(t => t.textContent)")
+        assert {"max", "abstraction"} <= set(heads) and len(heads) >= 15, heads  # the right end
+        page.eval("location.hash = 'table'; new Promise(r => requestAnimationFrame("
+                  "() => requestAnimationFrame(r)))")
+        _keep(page.screenshot(tmp_path / f"report_{name}_columns.png"))
 
 
 def test_harness_sees_errors_and_broken_images(chromium, tmp_path):

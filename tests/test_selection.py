@@ -57,3 +57,31 @@ def test_capture_module_re_exports_the_selection():
         assert getattr(fgscope.capture, name) is getattr(selection, name)
     assert fgscope.select_layers is select_layers
     assert list(leaf_modules(torch.nn.Linear(2, 2))) == [""]  # a leaf-only model is its own leaf
+
+
+def test_every_name_fgscope_prints_is_a_selection(tiny):
+    from fgscope.names import EveryCall
+
+    x = torch.zeros(1, 3, 16, 16)
+    assert list(select_layers(tiny, "block.relu:2")) == ["block.relu:2"]
+    assert list(select_layers(tiny, "block.relu_1")) == ["block.relu:2"]  # torch.fx's name
+    assert list(select_layers(tiny, "block.relu:1")) == ["block.relu"]
+    every = list(select_layers(tiny, "block.relu:*"))
+    assert every == ["block.relu"] and isinstance(every[0], EveryCall)
+    # what `all` and patterns select keeps meaning every call when passed back
+    names = list(select_layers(tiny, "all"))
+    assert all(isinstance(n, EveryCall) for n in names)
+    assert list(select_layers(tiny, names)) == names
+    assert list(select_layers(tiny, "flatten", x)) == ["flatten"]  # a functional op
+    with pytest.raises(LayerNotFoundError):
+        select_layers(tiny, "block.relu:3x")
+    with pytest.raises(LayerNotFoundError):
+        select_layers(tiny, "nothing[out]")
+
+
+def test_keys_in_brackets_select_elements():
+    from conftest import TupleNet
+
+    model = TupleNet().eval()
+    assert list(select_layers(model, "multi[1][mean],split[left]")) == ["multi[1][mean]", "split[left]"]
+    assert list(select_layers(model, "multi:2[0]")) == ["multi:2[0]"]

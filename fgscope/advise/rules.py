@@ -21,6 +21,13 @@ the text it produces:
    deliver the information the fine labels need (keep them, or fine-tune them last); the
    later ones are where it is kept or lost.
 
+0. **Can the probes tell the layers apart at all?** A probe's noise is the larger of its std
+   over folds and one test image per fold (1 / (n_images / folds): the accuracy's resolution,
+   so a 1.000 ± 0.000 probe is not "exact"). When every fine-label probe is within two
+   noises of the ceiling (1.0), or every one within two noises of chance, the curves cannot
+   discriminate between layers: the advice says so and makes no tap, pooling or stage
+   recommendation (`tap_layers` and `finetune_stages` are empty).
+
 Honest about weak evidence: a best fine accuracy within two stds of chance, or a flat curve
 (most layers within one std of the best), is said to be so.
 """
@@ -105,6 +112,48 @@ def _compression(fine: list[dict], coarse: list[dict]) -> dict[str, Any]:
     return out
 
 
+def _noise_floor(probe: dict[str, Any]) -> float:
+    """One test image per fold: the resolution of a fold's accuracy (0 when unknown)."""
+    n, folds = probe.get("n_images"), probe.get("folds")
+    return folds / n if n and folds and n >= folds else 0.0
+
+
+def _indiscriminate(probe: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Rule 0: None when the fine-label probes can tell layers apart, else what they are stuck
+    at ("ceiling" or "chance"), how many, the worst one and the noise floor."""
+    fine = [r for r in rows if r["granularity"] == "fine"]
+    floor = _noise_floor(probe)
+
+    def noise(r: dict[str, Any]) -> float:
+        return max(float(r.get("acc_std") or 0.0), floor)
+
+    for where, gap in (("ceiling", lambda r: 1.0 - r["acc_mean"]),
+                       ("chance", lambda r: r["acc_mean"] - r["chance"])):
+        if fine and all(gap(r) <= 2 * noise(r) for r in fine):
+            worst = max(fine, key=gap)
+            return {"at": where, "probes": len(fine), "layers": len({r["layer"] for r in fine}),
+                    "poolings": sorted({r["pool"] for r in fine}), "worst_layer": worst["layer"],
+                    "worst_pool": worst["pool"], "worst_acc": worst["acc_mean"],
+                    "worst_std": worst["acc_std"], "chance": worst["chance"],
+                    "noise_floor": round(floor, 4)}
+    return None
+
+
+def _no_discrimination_text(stuck: dict[str, Any]) -> str:
+    what = "the ceiling (1.000)" if stuck["at"] == "ceiling" else f"chance ({stuck['chance']:.3f})"
+    far = "lowest" if stuck["at"] == "ceiling" else "highest"
+    fix = ("harder labels (more or finer classes) or harder images would make the probes "
+           "informative" if stuck["at"] == "ceiling" else
+           "check the labels, probe more images, or try another pooling (bilinear)")
+    return (f"- **The probes cannot tell the layers apart.** All {stuck['probes']} fine-label probes "
+            f"({stuck['layers']} layers × {', '.join(stuck['poolings'])}) are within noise of {what}: "
+            f"{far} {stuck['worst_acc']:.3f} ± {stuck['worst_std']:.3f} at `{stuck['worst_layer']}` "
+            f"({stuck['worst_pool']}); noise = the larger of the std over folds and one test image per "
+            f"fold ({stuck['noise_floor']:.3f}), within two noises counts. So these data cannot say which "
+            f"layer to tap, whether a pooling pays off, or which stages to fine-tune: **no stage "
+            f"recommendation.** {fix[0].upper() + fix[1:]}.")
+
+
 def make_advice(probe: dict[str, Any], part_size: int | None = None) -> Advice:
     """The recommendation for one probe result (`probe.json` as a dict).
 
@@ -137,6 +186,16 @@ def make_advice(probe: dict[str, Any], part_size: int | None = None) -> Advice:
     n_txt = f"{numbers['n_images']} images, {numbers['fine_classes']} fine classes, {numbers['folds']}-fold CV"
     lines.append(f"*From linear probes on {n_txt}; accuracy is mean ± std over folds.*")
     lines.append("")
+
+    # 0. Can the probes discriminate at all?
+    stuck = _indiscriminate(probe, rows)
+    numbers["discriminates"] = stuck is None
+    if stuck is not None:
+        numbers["indiscriminate"] = stuck
+        lines.append(_no_discrimination_text(stuck))
+        lines += _context_lines(probe, rows, pools, has_coarse, numbers)
+        none_pool = {"fine": "avg", "gain": 0.0, "significant": False, "best_by_mean": ref_pool}
+        return Advice("\n".join(lines) + "\n", (), None, none_pool, (), numbers)
 
     # 1. Tap layers.
     weak = best["acc_mean"] - chance <= 2 * max(best["acc_std"], 1e-9)
@@ -278,7 +337,16 @@ def make_advice(probe: dict[str, Any], part_size: int | None = None) -> Advice:
                                  "probes need: freeze it, or fine-tune it last")
                               + " with a smaller learning rate." if frozen else ""))
 
-    # CKA structure.
+    lines += _context_lines(probe, rows, pools, has_coarse, numbers)
+    text = "\n".join(lines) + "\n"
+    return Advice(text, tuple(tap), after, best_pool, tuple(finetune), numbers)
+
+
+def _context_lines(probe: dict[str, Any], rows: list[dict[str, Any]], pools: list[str],
+                   has_coarse: bool, numbers: dict[str, Any]) -> list[str]:
+    """The lines that advise nothing, only report: the largest representation change (CKA
+    between consecutive layers) and the best coarse probe."""
+    lines: list[str] = []
     cka = [c for c in probe.get("cka_consecutive", []) if c.get("cka") is not None]
     if cka:
         low = min(cka, key=lambda c: c["cka"])
@@ -293,8 +361,7 @@ def make_advice(probe: dict[str, Any], part_size: int | None = None) -> Advice:
                                   "acc_std": cbest["acc_std"], "chance": cbest["chance"]}
         lines.append(f"- Coarse labels: best {_acc(cbest)} at `{cbest['layer']}` ({cbest['pool']}; chance "
                      f"{cbest['chance']:.3f}).")
-    text = "\n".join(lines) + "\n"
-    return Advice(text, tuple(tap), after, best_pool, tuple(finetune), numbers)
+    return lines
 
 
 def _coarse_clause(c: dict[str, Any]) -> str:

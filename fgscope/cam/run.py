@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fgscope.cam.compute import CamResult, compute_cams
-from fgscope.cam.figure import cam_figure, cam_overlay, cam_title, fmt_value
+from fgscope.cam.figure import MAX_LAYERS, cam_figure, cam_overlay, cam_title, fmt_value
 from fgscope.errors import ConfigError
 from fgscope.images import default_image, load_image, sha256_file
 from fgscope.models import load_model
@@ -141,16 +141,25 @@ def run_cam(config: CamConfig, console: Console | None = None) -> tuple[Path, Ca
     for note in result.notes:
         console.print(f"[dim]note:[/] {escape(note)}")
     if result.top5:
-        console.print(escape("top-5: " + ", ".join(f"{lab} {p:.1%}" for lab, p in result.top5)))
-    console.print(escape(cam_title(result)))
-    for lay in result.layers:
-        where = f"peak at y={lay.peak[0]}, x={lay.peak[1]}" if lay.peak else "no positive evidence"
-        console.print(
-            f"  {lay.name:<16} stride {fmt_value(lay.stride):>3}  rf {fmt_value(lay.rf):>4} px  "
-            f"{lay.stage:<6}  max {lay.raw_max:8.3g}  {where}", markup=False
-        )
+        console.print(escape("top-5: " + ", ".join(f"{lab} {p:.1%}" for lab, p in result.top5)), soft_wrap=True)
+    _print_layers(console, result)
+    if len(result.layers) > MAX_LAYERS:
+        console.print(f"note: cam.png shows {MAX_LAYERS} of the {len(result.layers)} layers, spread "
+                      "over depth; every layer has its own cam_NN_<layer>.png", markup=False)
     console.print(
         f"wrote {len(run.manifest['files'])} files to [bold]{escape(str(run.path))}[/] "
-        f"({manifest.name}, cam.json, cam.png, cam_raw.npz, one PNG per layer)"
+        f"({manifest.name}, cam.json, cam.png, cam_raw.npz, one PNG per layer)", soft_wrap=True,
     )
     return run.path, result
+
+
+def _print_layers(console: Console, result: CamResult) -> None:
+    """One table row per layer: geometry, stage, the map's raw maximum and where it peaks."""
+    from fgscope.render.table import Col, print_table
+
+    cols = [Col("layer", "left", wrap=True), Col("stride"), Col("rf (px)"), Col("stage", "left"),
+            Col("max"), Col("peak (y, x)", "left", drop=1)]
+    rows = [[lay.name, fmt_value(lay.stride), fmt_value(lay.rf), lay.stage, f"{lay.raw_max:.3g}",
+             f"{lay.peak[0]}, {lay.peak[1]}" if lay.peak else "no positive evidence"]
+            for lay in result.layers]
+    print_table(console, cam_title(result), cols, rows, left_out_note="cam.json has every value")

@@ -18,6 +18,7 @@ from fgscope.cli import report as _report
 from fgscope.cli import similarity as _similarity
 from fgscope.cli import summary as _summary
 from fgscope.cli import synthetic as _synthetic
+from fgscope.cli._command import Command, Group
 
 __all__ = ["app", "main"]
 
@@ -25,7 +26,8 @@ app = typer.Typer(
     name="fgscope",
     help="See and measure how a CNN's features change with depth.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # Typer's --install-completion / --show-completion (bash, zsh, fish, pwsh)
+    cls=Group,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # docstrings are reflowed paragraphs, `code` rendered
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -60,16 +62,16 @@ def _root(
 
 
 # One line per command; each command lives in its own file.
-app.command("layers")(_layers.layers)
-app.command("summary")(_summary.summary)
-app.command("dump")(_dump.dump)
-app.command("dump-merge")(_dump.dump_merge)
-app.command("probe")(_probe.probe)
-app.command("similarity")(_similarity.similarity)
-app.command("cam")(_cam.cam)
-app.command("advise")(_advise.advise)
-app.command("report")(_report.report)
-app.command("synthetic")(_synthetic.synthetic)
+app.command("layers", cls=Command)(_layers.layers)
+app.command("summary", cls=Command)(_summary.summary)
+app.command("dump", cls=Command)(_dump.dump)
+app.command("dump-merge", cls=Command)(_dump.dump_merge)
+app.command("probe", cls=Command)(_probe.probe)
+app.command("similarity", cls=Command)(_similarity.similarity)
+app.command("cam", cls=Command)(_cam.cam)
+app.command("advise", cls=Command)(_advise.advise)
+app.command("report", cls=Command)(_report.report)
+app.command("synthetic", cls=Command)(_synthetic.synthetic)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from fgscope.errors import FgscopeError
 
-__all__ = ["guarded", "run_job", "print_error", "set_verbose", "err_console"]
+__all__ = ["guarded", "run_job", "print_error", "print_warning", "set_verbose", "err_console"]
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -57,6 +57,34 @@ def _quiet_libraries(verbose: bool) -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _own_warnings(console: Console) -> Iterator[None]:
+    """fgscope's own warnings (e.g. `fgscope.runs.OutputRedirected`: --out held files, so the
+    run went to DIR-2) as `warning: TEXT` lines on stderr, each at once; other warnings go
+    where they would have gone (hidden unless --verbose, see `_quiet_libraries`)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if category.__module__.split(".")[0] == "fgscope":
+                print_warning(console, str(message))
+            else:
+                previous(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        from fgscope.runs import OutputRedirected
+
+        warnings.simplefilter("always", OutputRedirected)
+        yield
+
+
+def print_warning(console: Console, text: str) -> None:
+    """`warning: TEXT` on one line, TEXT as plain text (never rich markup)."""
+    console.print(Text.assemble(("warning:", "yellow"), " ", " ".join(str(text).split())))
+
+
 def print_error(console: Console, text: str) -> None:
     """`error: TEXT` on one line. TEXT is printed as plain text: paths, layer names like
     `features.0[1]` and file names like `a[b]c.jpg` are never read as rich markup."""
@@ -70,7 +98,7 @@ def guarded(console: Console | None = None) -> Iterator[None]:
     `--verbose`."""
     console = console or err_console
     try:
-        with _quiet_libraries(_VERBOSE["on"]):
+        with _quiet_libraries(_VERBOSE["on"]), _own_warnings(console):
             yield
     except FgscopeError as exc:
         if _VERBOSE["on"] and exc.__cause__ is not None:  # what torch said, for a bug report
@@ -87,13 +115,18 @@ def guarded(console: Console | None = None) -> Iterator[None]:
         sys.exit(9)
 
 
-def run_job(job: Callable[[Console], Any], *, tune: bool = True) -> None:
+def run_job(
+    job: Callable[[Console], Any], *, tune: bool = True, max_layers: int | None = None
+) -> None:
     """Run one command's library job under `guarded`, printing to the terminal.
 
     Args:
         job: builds the job's config and runs it with the console it is given.
         tune: tune the host allocator first (commands that run a model; see
             `fgscope.device.tune_host_allocator`).
+        max_layers: `--max-layers`: how many layers globs and regexes of `--layers` may
+            select (`fgscope.selection.layer_limit`); None leaves the library's default
+            (and imports no torch, for `report --from`).
     """
     console = Console(highlight=False)
     with guarded():
@@ -101,4 +134,10 @@ def run_job(job: Callable[[Console], Any], *, tune: bool = True) -> None:
             from fgscope.device import tune_host_allocator
 
             tune_host_allocator()
-        job(console)
+        if max_layers is None:
+            job(console)
+            return
+        from fgscope.selection import layer_limit
+
+        with layer_limit(max_layers):
+            job(console)

@@ -33,6 +33,7 @@ def advise(
     coarse_map: opt.CoarseMapOpt = None,
     pool: opt.PoolOpt = None,
     layers_: opt.LayersOpt = "stages",
+    max_layers: opt.MaxLayersOpt = opt.MAX_LAYERS_DEFAULT,
     from_probe: Annotated[
         Path | None,
         typer.Option(help="Reuse the probe.json of a `fgscope probe` run folder instead of probing."),
@@ -64,4 +65,4 @@ def advise(
             batch_size=batch_size, max_per_class=max_per_class,
         ), console)
 
-    run_job(job)
+    run_job(job, max_layers=max_layers)

@@ -38,6 +38,7 @@ def cam(
         ),
     ] = None,
     layers_: opt.LayersOpt = "stages",
+    max_layers: opt.MaxLayersOpt = opt.MAX_LAYERS_DEFAULT,
     output: opt.OutputOptions = opt.OutputOptions(),
     load: opt.ImageModelOptions = opt.ImageModelOptions(),
     where: opt.DeviceOptions = opt.DeviceOptions(),
@@ -60,4 +61,4 @@ def cam(
             overwrite=output.overwrite, model_kwargs=load.load_kwargs(), device=where.device,
         ), console)
 
-    run_job(job)
+    run_job(job, max_layers=max_layers)

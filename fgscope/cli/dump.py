@@ -26,6 +26,7 @@ def dump(
         ),
     ],
     layers_: opt.LayersOpt = "stages",
+    max_layers: opt.MaxLayersOpt = opt.MAX_LAYERS_DEFAULT,
     pool: Annotated[
         str,
         typer.Option(
@@ -99,7 +100,7 @@ def dump(
             shard_rows=shard_rows, device=where.device, model_kwargs=load.load_kwargs(),
         ), console)
 
-    run_job(job)
+    run_job(job, max_layers=max_layers)
 
 
 def dump_merge(

@@ -19,6 +19,7 @@ def layers(
     model: opt.DefaultModelArg = "mobilenet_v2",
     images: opt.ImagesArg = None,
     layers_: opt.LayersOpt = "blocks",
+    max_layers: opt.MaxLayersOpt = opt.MAX_LAYERS_DEFAULT,
     output: opt.OutputOptions = opt.OutputOptions(),
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Channels per grid.")] = 16,
     rank: Annotated[
@@ -60,4 +61,4 @@ def layers(
             probe_folds=probe_folds,
         ), console)
 
-    run_job(job)
+    run_job(job, max_layers=max_layers)

@@ -32,6 +32,8 @@ __all__ = [
     "ImagesArg",
     "DataArg",
     "LayersOpt",
+    "MaxLayersOpt",
+    "MAX_LAYERS_DEFAULT",
     "BatchSizeOpt",
     "FoldsOpt",
     "SeedOpt",
@@ -65,7 +67,11 @@ class ModelOptions(OptionGroup):
         typer.Option("--trust", help="Allow unpickling a whole model file (this runs code from the file)."),
     ] = False
     size: Annotated[
-        int | None, typer.Option(help="Input side in pixels (default: the weights' own, else 224).")
+        int | None,
+        typer.Option(
+            help="Input side in pixels (default: the weights' own; with --weights none the "
+            "architecture's, e.g. 299 for inception_v3; else 224)."
+        ),
     ] = None
     num_classes: Annotated[
         int | None,
@@ -91,11 +97,19 @@ class ImageModelOptions(ModelOptions):
 
     mean: Annotated[
         tuple[float, float, float] | None,
-        typer.Option(help="Normalisation mean per channel (default: the weights' own, else ImageNet)."),
+        typer.Option(
+            metavar="R,G,B",
+            help="Normalisation mean per channel, e.g. 0.5,0.5,0.5 (or three values: 0.5 0.5 "
+            "0.5); default: the weights' own, else ImageNet's.",
+        ),
     ] = None
     std: Annotated[
         tuple[float, float, float] | None,
-        typer.Option(help="Normalisation std per channel (default: the weights' own, else ImageNet)."),
+        typer.Option(
+            metavar="R,G,B",
+            help="Normalisation std per channel, like --mean; default: the weights' own, else "
+            "ImageNet's.",
+        ),
     ] = None
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -129,7 +143,8 @@ class OutputOptions(OptionGroup):
         bool,
         typer.Option(
             help="Reuse --out if it holds an earlier fgscope run: only that run's files are "
-            "removed; a folder holding anything else is refused."
+            "removed; a folder holding anything else is refused. Without it, a --out that holds "
+            "files is left alone and the run goes to DIR-2 (a warning names it)."
         ),
     ] = False
 
@@ -200,7 +215,18 @@ LayersOpt = Annotated[
     typer.Option(
         "--layers",
         "-l",
-        help="all | blocks | stages | names, globs ('layer*') or regexes ('re:^layer[12]$'), comma-separated.",
+        help="all | blocks | stages | names, globs or regexes ('re:^layer[12]$'), comma-separated. "
+        "In globs `*` stays inside one name component ('layer*': layer1..layer4; 'layer3.*': "
+        "the blocks of layer3) and `**` crosses them ('layer3.**': everything inside layer3).",
+    ),
+]
+MAX_LAYERS_DEFAULT = 64  # = fgscope.selection.DEFAULT_MAX_LAYERS (not imported here: torch)
+MaxLayersOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-layers",
+        min=1,
+        help="The most layers globs and regexes of --layers may select (`all` is never limited).",
     ),
 ]
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per forward.")]

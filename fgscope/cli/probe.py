@@ -20,6 +20,7 @@ def probe(
     model: opt.ModelArg,
     data: opt.DataArg,
     layers_: opt.LayersOpt = "stages",
+    max_layers: opt.MaxLayersOpt = opt.MAX_LAYERS_DEFAULT,
     pool: opt.PoolOpt = None,
     coarse_map: opt.CoarseMapOpt = None,
     folds: opt.FoldsOpt = 5,
@@ -49,4 +50,4 @@ def probe(
             batch_size=batch_size, max_per_class=max_per_class, c=c,
         ), console)
 
-    run_job(job)
+    run_job(job, max_layers=max_layers)

@@ -50,6 +50,7 @@ def report(
         str, typer.Option(help="Paper figure width: single (3.5 in column) or double (7 in).")
     ] = "double",
     layers_: opt.LayersOpt = "blocks",
+    max_layers: opt.MaxLayersOpt = opt.MAX_LAYERS_DEFAULT,
     max_images: Annotated[
         int, typer.Option(min=1, help="Images shown in the grids and the paper hierarchy figure.")
     ] = 3,
@@ -80,4 +81,4 @@ def report(
             device=run.device, dtype=run.dtype,
         ), console)
 
-    run_job(job, tune=not from_dirs)
+    run_job(job, tune=not from_dirs, max_layers=None if from_dirs else max_layers)

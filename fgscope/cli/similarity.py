@@ -33,6 +33,7 @@ def similarity(
     ] = None,
     vs_weights: Annotated[str, typer.Option(help=f"For a --vs name: {opt.WEIGHTS_HELP}")] = "default",
     layers_: opt.LayersOpt = "stages",
+    max_layers: opt.MaxLayersOpt = opt.MAX_LAYERS_DEFAULT,
     output: opt.OutputOptions = opt.OutputOptions(),
     batch_size: Annotated[int, typer.Option(min=4, help="Images per forward and per CKA minibatch.")] = 32,
     minibatch: Annotated[
@@ -67,4 +68,4 @@ def similarity(
             batch_size=batch_size, minibatch=minibatch,
         ), console)
 
-    run_job(job)
+    run_job(job, max_layers=max_layers)

@@ -18,6 +18,7 @@ __all__ = ["summary"]
 def summary(
     model: opt.DefaultModelArg = "mobilenet_v2",
     layers: opt.LayersOpt = "all",
+    max_layers: opt.MaxLayersOpt = opt.MAX_LAYERS_DEFAULT,
     load: opt.ModelOptions = opt.ModelOptions(),
     where: opt.DeviceOptions = opt.DeviceOptions(),
     json_path: Annotated[
@@ -38,4 +39,4 @@ def summary(
             json_path=json_path, csv_path=csv_path,
         ), console)
 
-    run_job(job, tune=False)
+    run_job(job, tune=False, max_layers=max_layers)

@@ -193,7 +193,7 @@ def run_dump(config: DumpConfig, console: Console | None = None) -> tuple[Path, 
     started_at = _dt.datetime.now().astimezone().isoformat()
     part, parts, _ = resolve_part(config.shard)
     out = _out_dir(config, parts)
-    tag = f"part {part + 1}/{parts}: " if parts > 1 else ""
+    tag = f"part {part}/{parts}: " if parts > 1 else ""  # 0-based, as --shard i/N is given
     # Held for the whole run, taken before the model loads: a second dump of this part is
     # refused at once, before it could touch this run's files (its temporary shard above all).
     with store.part_lock(out, part, parts) as lock:

@@ -19,15 +19,14 @@ import io
 import json
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 from rich.text import Text
 
 from fgscope.errors import ConfigError
@@ -35,13 +34,20 @@ from fgscope.layers.compute import InspectResult, LayerStats, inspect
 from fgscope.runs import RunDir, model_entry, new_run_dir, write_json, write_text
 from fgscope.stages import last_at_each_resolution
 
-__all__ = ["LayersConfig", "run_layers", "TABLE_COLUMNS", "hierarchy_columns", "table_csv", "table_markdown"]
+__all__ = [
+    "LayersConfig", "run_layers", "TABLE_COLUMNS", "hierarchy_columns", "table_csv", "table_markdown",
+    "empty_notes",
+]
 
 TABLE_COLUMNS = [
     "index", "name", "type", "shape", "spatial", "channels", "stride", "rf", "rf_frac",
-    "rf_exact", "params", "stage", "sparsity", "concentration", "eff_dim", "mean", "max",
-    "cka_input", "cka_output", "abstraction",
+    "rf_exact", "params", "stage", "signed", "sparsity", "negative_frac", "concentration",
+    "pr_spatial", "pr_images", "mean", "max", "abstraction", "abstraction_lo", "abstraction_hi",
+    "dcka_input", "dcka_input_lo", "dcka_input_hi", "dcka_output", "dcka_output_lo",
+    "dcka_output_hi",
 ]
+HIERARCHY_IMAGES = 8
+"""hierarchy.png has one row per image for the first this many images (the grids have all)."""
 _RANKS = ("mean", "max", "std", "energy")
 _NORMS = ("tile", "layer")
 
@@ -95,83 +101,126 @@ def _fmt_cell(v: Any) -> str:
     return str(v)
 
 
-def table_csv(rows: list[LayerStats], columns: list[str] = TABLE_COLUMNS) -> str:
-    """The table as CSV; lists are written as `32x112x112`, missing values as empty cells."""
+def table_csv(
+    rows: list[LayerStats], columns: list[str] = TABLE_COLUMNS, extra: Mapping[str, Mapping[str, Any]] | None = None
+) -> str:
+    """The table as CSV; lists are written as `32x112x112`, missing values as empty cells.
+    `extra` adds cells of columns that `LayerStats` lacks, by layer name (e.g. `grid`)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
     for r in rows:
-        d = r.to_dict()
+        d = {**r.to_dict(), **(extra or {}).get(r.name, {})}
         w.writerow([_fmt_cell(d[c]) if isinstance(d[c], list) else ("" if d[c] is None else d[c]) for c in columns])
     return buf.getvalue()
 
 
-def table_markdown(rows: list[LayerStats], columns: list[str] = TABLE_COLUMNS) -> str:
-    """The table as GitHub Markdown (numbers rounded to 4 significant digits)."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+def table_markdown(
+    rows: list[LayerStats], columns: list[str] = TABLE_COLUMNS, extra: Mapping[str, Mapping[str, Any]] | None = None
+) -> str:
+    """The table as GitHub Markdown (numbers rounded to 4 significant digits); a column's
+    `_lo`/`_hi` interval is folded into it (`0.62 [0.55, 0.70]`), and the reasons for empty
+    cells follow the table. `extra` as in `table_csv`."""
+    shown = [c for c in columns if not (c.endswith(("_lo", "_hi")) and c[:-3] in columns)]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for r in rows:
-        d = r.to_dict()
-        lines.append("| " + " | ".join(_fmt_cell(d[c]) or "–" for c in columns) + " |")
+        d = {**r.to_dict(), **(extra or {}).get(r.name, {})}
+        cells = []
+        for c in shown:
+            cell = _fmt_cell(d[c]) or "–"
+            lo, hi = d.get(f"{c}_lo"), d.get(f"{c}_hi")
+            if f"{c}_lo" in columns and d[c] is not None and lo is not None and hi is not None:
+                cell += f" [{lo:.2f}, {hi:.2f}]"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = empty_notes(rows)
+    if notes:
+        lines += ["", "Empty cells (–):", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
+def empty_notes(rows: list[LayerStats]) -> list[str]:
+    """Why cells are empty, one line per (column, reason): `sparsity (17 of 21 layers): ...`."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        for col, why in r.empty.items():  # a layer's own numbers (after " — ") stay in the files
+            groups.setdefault((col, why.split(" — ")[0]), []).append(r.name)
+    out = []
+    for (col, why), names in groups.items():
+        which = ", ".join(names) if len(names) <= 3 else f"{len(names)} of {len(rows)} layers"
+        out.append(f"{col} ({which}): {why}")
+    return out
+
+
 def hierarchy_columns(rows: list[LayerStats]) -> list[LayerStats]:
-    """The layers shown in the hierarchy figure: the last recorded map at each resolution."""
-    return [rows[i] for i in last_at_each_resolution([r.spatial for r in rows])]
+    """The layers shown in the hierarchy figure: the last recorded map at each resolution
+    (a 1x1 map, after global pooling, has nothing spatial to show and is left out)."""
+    return [rows[i] for i in last_at_each_resolution([r.spatial for r in rows]) if has_map(rows[i])]
+
+
+def has_map(r: LayerStats) -> bool:
+    """A spatial map with more than one position (what a grid or an energy panel can show)."""
+    return r.spatial is not None and r.spatial[0] * r.spatial[1] > 1
+
+
+def geometry_text(stride: float | None, rf: float | None, sep: str = " · ") -> str:
+    """`stride 8 · rf 59 px`, leaving out what is unknown (a global pool has no stride)."""
+    parts = [f"stride {_fmt_cell(stride)}" if stride is not None else "",
+             f"rf {_fmt_cell(rf)} px" if rf is not None else ""]
+    return sep.join(p for p in parts if p)
+
+
+def _grid_cell(r: LayerStats, grids: bool) -> str:
+    """The `grid` column: the grid's file name in each grids/<image>/ folder, or why none."""
+    if r.spatial is None:
+        return "none: not a map"
+    if not has_map(r):
+        return "none: 1x1 map (one value per channel, nothing spatial to show)"
+    return f"{r.index:03d}_{_safe(r.name)}.png" if grids else "none: --no-grids"
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.:-]+", "_", name).replace(":", "-") or "output"
 
 
-def _short(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else _fmt_cell(v)
+# The terminal table: (header, LayerStats field, format, drop). On a narrow terminal columns
+# with a higher `drop` are left out first (fgscope.render.table); a column without a value in
+# any row (or whose field LayerStats lacks) is not shown; the files have every column.
+_STAGE_COLOUR = {"early": "cyan", "middle": "green", "late": "magenta"}
+_TERMINAL_COLUMNS: list[tuple[str, str, str, int]] = [
+    ("#", "index", "d", 0), ("name", "name", "", 0), ("type", "type", "", 9),
+    ("shape", "shape", "", 0), ("stride", "stride", "", 0), ("rf", "rf", "", 0),
+    ("stage", "stage", "", 0), ("sparse", "sparsity", ".3f", 4), ("neg", "negative_frac", ".3f", 5),
+    ("conc", "concentration", ".3f", 3), ("effdim", "eff_dim", ".1f", 3),
+    ("PR", "pr_spatial", ".1f", 3), ("PR img", "pr_images", ".1f", 5), ("mean", "mean", ".3g", 8),
+    ("max", "max", ".3g", 7), ("CKA in", "cka_input", ".3f", 6), ("CKA out", "cka_output", ".3f", 6),
+    ("dCKA in", "dcka_input", ".3f", 6), ("dCKA out", "dcka_output", ".3f", 6),
+    ("abstr.", "abstraction", ".3f", 2), ("transfer", "transfer", ".3f", 1),
+]
+_TEXT_FIELDS = ("name", "type", "shape", "stage")
 
 
-def _fixed(v: float | None, digits: int) -> str:
-    return "" if v is None else f"{v:.{digits}f}"
+def _terminal_cell(r: LayerStats, field_: str, spec: str) -> Any:
+    v = getattr(r, field_, None)
+    if field_ == "stage":
+        return Text(str(v), style=_STAGE_COLOUR.get(str(v), ""))
+    if field_ == "rf":
+        return ("~" if v is not None and not r.rf_exact else "") + (_fmt_cell(v) or "–")
+    if v is None or not spec:
+        return _fmt_cell(v) or ("–" if field_ == "stride" else "")
+    return format(v, spec)
 
 
 def _print_table(console: Console, result: InspectResult) -> None:
-    has_cka = any(r.abstraction is not None for r in result.rows)
-    has_transfer = any(r.transfer is not None for r in result.rows)
-    wide = console.width >= 130
-    t = Table(
-        title="abstraction table", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
-        padding=(0, 1), collapse_padding=True,
-    )
-    cols = ["#", "name", "type", "shape", "stride", "rf", "stage", "sparse", "conc", "effdim", "mean", "max"]
-    if has_cka:
-        cols += ["CKA in", "CKA out", "abstr."]
-    if has_transfer:
-        cols += ["transfer"]
-    if not wide:
-        cols.remove("type")
-        cols.remove("mean")
-    for c in cols:
-        t.add_column(
-            c,
-            justify="left" if c in ("name", "type", "shape", "stage") else "right",
-            no_wrap=True,
-        )
-    colour = {"early": "cyan", "middle": "green", "late": "magenta"}
-    for r in result.rows:
-        cells = [
-            str(r.index), Text(r.name), Text(r.type), _fmt_cell(r.shape), _fmt_cell(r.stride),
-            ("~" if r.rf is not None and not r.rf_exact else "") + _fmt_cell(r.rf),
-            f"[{colour[r.stage]}]{r.stage}[/]", _fixed(r.sparsity, 3), _fixed(r.concentration, 3),
-            _fixed(r.eff_dim, 1), _short(r.mean), _short(r.max),
-        ]
-        if has_cka:
-            cells += [_fixed(r.cka_input, 3), _fixed(r.cka_output, 3), _fixed(r.abstraction, 3)]
-        if has_transfer:
-            cells += [_fixed(r.transfer, 3)]
-        if not wide:  # a narrow terminal: type and mean go first (the files have everything)
-            del cells[10]
-            del cells[2]
-        t.add_row(*cells)
+    from fgscope.render.table import Col, print_table
 
-    console.print(t)
+    shown = [c for c in _TERMINAL_COLUMNS
+             if c[1] in _TEXT_FIELDS or any(getattr(r, c[1], None) is not None for r in result.rows)]
+    cols = [Col(h, "left" if f in _TEXT_FIELDS else "right", drop, wrap=f == "name")
+            for h, f, _, drop in shown]
+    rows = [[_terminal_cell(r, f, spec) for _, f, spec, _ in shown] for r in result.rows]
+    print_table(console, "abstraction table", cols, rows,
+                left_out_note="layers.csv, .json and .md have every column")
 
 
 def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Path, InspectResult]:
@@ -243,28 +292,32 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
 
     t0 = time.perf_counter()
     rows = result.rows
-    write_text(run.file("layers.csv"), table_csv(rows, columns))
+    columns.insert(columns.index("transfer") if "transfer" in columns else len(columns), "grid")
+    grid = {r.name: {"grid": _grid_cell(r, config.grids)} for r in rows}
+    write_text(run.file("layers.csv"), table_csv(rows, columns, grid))
     write_json(run.file("layers.json"), {
         "model": run.manifest["model"]["spec"],
         "input_size": list(lm.input_size),
         "images": [str(li.path) for li in result.images],
         "columns": columns,
-        "layers": result.table(),
+        "layers": [{**t, **grid[t["name"]]} for t in result.table()],
         **({"probe": probe_info} if probe_info is not None else {}),
     })
-    write_text(run.file("layers.md"), table_markdown(rows, columns))
+    write_text(run.file("layers.md"), table_markdown(rows, columns, grid))
     for name in ("layers.csv", "layers.json", "layers.md"):
         run.wrote(run.path / name)
 
     # Figures.
     cols = hierarchy_columns(rows)
+    n_fig = min(len(result.display), HIERARCHY_IMAGES)  # one row per image: a few are enough
     energy_cols = [
-        (f"{r.name}\nstride {_fmt_cell(r.stride)} · rf {_fmt_cell(r.rf)} px\n{r.stage}",
-         metrics.spatial_energy(result.activations[r.name]).numpy())
+        (f"{r.name}\n{geometry_text(r.stride, r.rf)}\n{r.stage}",
+         metrics.spatial_energy(result.activations[r.name][:n_fig]).numpy())
         for r in cols
     ]
     if energy_cols:
-        for p in save_figure(hierarchy_figure(result.display, energy_cols), run.file("hierarchy.png")):
+        fig = hierarchy_figure(result.display[:n_fig], energy_cols)
+        for p in save_figure(fig, run.file("hierarchy.png")):
             run.wrote(p)
     geo_rows = [
         {"index": r.index, "name": r.name, "spatial": r.spatial[0] if r.spatial else None,
@@ -278,12 +331,12 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
     # Grids, one per map-shaped layer and image.
     if config.grids:
         t0 = time.perf_counter()
-        map_rows = [r for r in rows if r.spatial is not None]
+        map_rows = [r for r in rows if has_map(r)]
         stems = _image_stems(result)
         total = len(map_rows) * len(result.images)
         with Progress(
             TextColumn("grids"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=console, transient=True,
+            console=console, transient=True, disable=not console.is_terminal,
         ) as bar:
             task = bar.add_task("grids", total=total)
             for r in map_rows:
@@ -291,10 +344,9 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
                 for i, stem in enumerate(stems):
                     maps = acts[i]
                     order = metrics.channel_ranking(maps, by=config.rank)[: config.top_k].tolist()
-                    title = (
-                        f"{r.name} · {r.type} · {_fmt_cell(r.shape)} · stride {_fmt_cell(r.stride)}"
-                        f" · rf {_fmt_cell(r.rf)} px · {r.stage} · top {len(order)} by {config.rank}"
-                    )
+                    title = " · ".join(x for x in (
+                        r.name, r.type, _fmt_cell(r.shape), geometry_text(r.stride, r.rf), r.stage,
+                        f"top {len(order)} by {config.rank}") if x)
                     img = render_grid(
                         maps.numpy(), order, k=config.top_k, normalize=config.normalize,
                         cmap=config.cmap, image=result.display[i], overlay=config.overlay,
@@ -308,18 +360,24 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
     manifest = run.finish()
 
     _print_table(console, result)
+    flat = [r.name for r in result.rows if r.spatial is not None and not has_map(r)]
+    if config.grids and flat:
+        console.print(f"no grid for {len(flat)} 1x1 map{'s' if len(flat) > 1 else ''} "
+                      f"({', '.join(flat)}): one value per channel, nothing spatial to show",
+                      markup=False, soft_wrap=True)
+    if energy_cols and len(result.display) > n_fig:
+        console.print(f"hierarchy.png shows the first {n_fig} of {len(result.display)} images "
+                      "(grids/ has every image)", markup=False)
     if result.predictions:
         for li, preds in zip(result.images, result.predictions):
             top = ", ".join(f"{lab} {p:.1%}" for lab, p in preds)
-            console.print(f"[bold]{escape(li.path.name)}[/]: {escape(top)}")
-    if len(result.images) < 3:
-        console.print(
-            "[dim]CKA columns need at least 3 images (with 2, linear CKA is always 1).[/]"
-        )
+            console.print(f"[bold]{escape(li.path.name)}[/]: {escape(top)}", soft_wrap=True)
+    for note in empty_notes(result.rows):
+        console.print(f"[dim]empty: {escape(note)}[/]")
     console.print(
         f"wrote {len(run.manifest['files'])} files to [bold]{escape(str(run.path))}[/] "
         f"({manifest.name}, layers.csv/.json/.md, hierarchy.png, geometry.png"
-        f"{', grids/' if config.grids else ''})"
+        f"{', grids/' if config.grids else ''})", soft_wrap=True,
     )
     return run.path, result
 

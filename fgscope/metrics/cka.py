@@ -1,5 +1,6 @@
 """Representation similarity: linear Gram matrices, their centring, linear CKA (plain and
-debiased), the unbiased HSIC estimator, and minibatch CKA accumulated over batches.
+debiased), CKA from Gram matrices with a jackknife interval over examples, the unbiased HSIC
+estimator, and minibatch CKA accumulated over batches.
 
 Pure functions over (n, ...) representations of the same n examples, numpy arrays or
 tensors of any float dtype. CKA and HSIC run in float64; MPS tensors move to the CPU for CKA
@@ -8,6 +9,7 @@ tensors of any float dtype. CKA and HSIC run in float64; MPS tensors move to the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,11 +17,14 @@ import torch
 from torch import Tensor
 
 from fgscope.metrics._common import _f64, _float, _wide
+from fgscope.metrics.intervals import Estimate, jackknife
 
 __all__ = [
     "gram_linear",
     "center_gram",
     "linear_cka",
+    "cka_from_grams",
+    "jackknife_cka",
     "hsic_unbiased",
     "MinibatchCKA",
 ]
@@ -105,6 +110,67 @@ def linear_cka(x: Tensor | np.ndarray, y: Tensor | np.ndarray, debiased: bool = 
             xtx, yty = _debiased_dot(xtx, rx, rx, n), _debiased_dot(yty, ry, ry, n)
         cka = xty / (xtx.sqrt() * yty.sqrt())
     return float(cka)
+
+
+def cka_from_grams(k: Tensor, l: Tensor, debiased: bool = True) -> float:  # noqa: E741
+    """Linear CKA from the two linear Gram matrices of the same n examples:
+    <K~, L~> / (||K~|| ||L~||) with K~, L~ centred (`center_gram`; U-centred with `debiased`,
+    i.e. Song et al.'s unbiased HSIC in numerator and denominator). Equals `linear_cka` on the
+    features behind the Grams. NaN when either centred Gram is zero (a constant
+    representation).
+
+    Args:
+        k, l: (n, n) symmetric Gram matrices (`gram_linear`), n >= 4 with `debiased`, else >= 2.
+
+    Raises:
+        ValueError: shapes differ or are not square, or too few examples.
+    """
+    kw, lw = _f64(k), _f64(l)
+    lw = lw.to(kw.device)
+    n = kw.shape[0]
+    if kw.ndim != 2 or kw.shape != (n, n) or lw.shape != (n, n):
+        raise ValueError(f"expected two (n, n) Gram matrices, got {tuple(kw.shape)} and {tuple(lw.shape)}")
+    if n < (4 if debiased else 2):
+        raise ValueError(f"cka_from_grams needs n >= {4 if debiased else 2} examples, got {n}")
+    kc, lc = center_gram(kw, debiased), center_gram(lw, debiased)  # (n, n) each
+    kk, ll = (kc * kc).sum(), (lc * lc).sum()
+    if not (kk > 0 and ll > 0):
+        return math.nan
+    return float((kc * lc).sum() / (kk.sqrt() * ll.sqrt()))
+
+
+def jackknife_cka(
+    k: Tensor, l: Tensor, debiased: bool = True, groups: int = 20  # noqa: E741
+) -> Estimate:
+    """Linear CKA from Gram matrices with a 95% jackknife interval over examples.
+
+    The n examples are split into g = min(n, `groups`) contiguous groups of near-equal size;
+    each replicate is `cka_from_grams` on the Grams with one group's rows and columns deleted
+    (no example is ever paired with itself, which is what the unbiased estimator needs; see
+    `fgscope.metrics.intervals`). Interval: value -/+ t(0.975, g - 1) jackknife se.
+
+    Args:
+        k, l: (n, n) symmetric Gram matrices of the same examples; every replicate keeps at
+            least 4 examples with `debiased` (2 without), so n >= 5 (n >= 3) when g = n.
+
+    Raises:
+        ValueError: too few examples for the replicates.
+    """
+    kw, lw = _f64(k), _f64(l)
+    n = kw.shape[0]
+    g = min(n, groups)
+    need = 4 if debiased else 2
+    bounds = [round(i * n / g) for i in range(g + 1)]  # group i = examples bounds[i]:bounds[i+1]
+    if g < 2 or n - max(b - a for a, b in zip(bounds, bounds[1:])) < need:
+        raise ValueError(
+            f"a jackknife of {'debiased ' if debiased else ''}CKA needs {need + 1} or more examples, got {n}"
+        )
+    value = cka_from_grams(kw, lw, debiased)
+    reps = []
+    for a, b in zip(bounds, bounds[1:]):
+        keep = torch.cat([torch.arange(0, a), torch.arange(b, n)]).to(kw.device)
+        reps.append(cka_from_grams(kw[keep][:, keep], lw.to(kw.device)[keep][:, keep], debiased))
+    return jackknife(value, reps)
 
 
 def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741  (the paper's names)

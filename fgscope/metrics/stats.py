@@ -1,5 +1,5 @@
-"""Per-map statistics: sparsity, mean and max, spatial energy and its concentration,
-effective dimensionality (participation ratio) and channel ranking.
+"""Per-map statistics: sparsity (exact zeros) and the fraction of negative values, mean and
+max, spatial energy and its concentration, the participation ratio and channel ranking.
 
 Pure functions over (N, C, H, W) feature maps (some also take (N, F) vectors); half-precision
 inputs are upcast; per-sample statistics run in float32 (float64 stays float64), the
@@ -17,6 +17,7 @@ from fgscope.metrics._common import _check_ndim, _float, _wide
 
 __all__ = [
     "sparsity",
+    "negative_fraction",
     "mean_activation",
     "max_activation",
     "spatial_energy",
@@ -29,9 +30,19 @@ _RANKINGS = ("mean", "max", "std", "energy")
 
 
 def sparsity(x: Tensor) -> Tensor:
-    """Fraction of entries that are <= 0, per sample (post-ReLU: the fraction of dead units)."""
+    """Fraction of entries that are exactly 0, per sample: the inactive units of a rectified
+    map (after ReLU, ReLU6, hard-tanh at 0, ...). For signed outputs (a linear bottleneck, a
+    BatchNorm, logits) exact zeros are rare and this is not what "inactive" means: check
+    `negative_fraction` and report that instead."""
     _check_ndim(x, (2, 3, 4, 5), "(N, ...)")
-    return (x.reshape(len(x), -1) <= 0).to(torch.float32).mean(1)  # (N, ...) -> (N,)
+    return (x.reshape(len(x), -1) == 0).to(torch.float32).mean(1)  # (N, ...) -> (N,)
+
+
+def negative_fraction(x: Tensor) -> Tensor:
+    """Fraction of entries that are < 0, per sample (0 for a rectified map; about 0.5 for a
+    signed, roughly centred one such as a linear bottleneck or logits)."""
+    _check_ndim(x, (2, 3, 4, 5), "(N, ...)")
+    return (x.reshape(len(x), -1) < 0).to(torch.float32).mean(1)  # (N, ...) -> (N,)
 
 
 def mean_activation(x: Tensor) -> Tensor:
@@ -75,17 +86,21 @@ def spatial_concentration(x: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def participation_ratio(x: Tensor) -> Tensor:
-    """Effective dimensionality PR = (tr S)^2 / tr(S^2) = (sum l)^2 / sum l^2 of a covariance S.
+    """Participation ratio PR = (tr S)^2 / tr(S^2) = (sum l)^2 / sum l^2 of a covariance S.
 
-    Gao et al. 2017 ("A theory of multineuronal dimensionality, dynamics and measurement");
-    Recanatesi et al. 2019 ("Dimensionality compression and expansion in deep neural
-    networks"). k orthogonal directions of equal variance give exactly k.
+    The dimensionality measure of Gao et al. 2017 ("A theory of multineuronal dimensionality,
+    dynamics and measurement") and Recanatesi et al. 2019 ("Dimensionality compression and
+    expansion in deep neural networks"). k orthogonal directions of equal variance give
+    exactly k; with m observations it cannot exceed min(dim, m - 1).
 
-    4-D input (N, C, H, W): one PR per sample; the H*W positions are the observations of a
-    C-dimensional vector (centred over positions). NaN when H*W < 2 or the variance is zero
-    (up to rounding: below eps times the uncentred energy).
-    2-D input (N, F): the N samples are the observations; returns one 0-d tensor (NaN when
-    N < 2 or the variance is zero).
+    4-D input (N, C, H, W): one PR per sample, *within the image*: the H*W positions are the
+    observations of a C-dimensional vector (centred over positions), so it is capped by
+    min(C, H*W - 1). This is not the across-stimuli dimensionality of the papers above.
+    NaN when H*W < 2 or the variance is zero (up to rounding: below eps times the uncentred
+    energy).
+    2-D input (N, F): the N samples are the observations (the papers' across-stimuli
+    dimensionality, e.g. of pooled features); returns one 0-d tensor (NaN when N < 2 or the
+    variance is zero), capped by min(F, N - 1).
 
     Uses the trace identity, not an eigendecomposition: with centred X (obs, dim),
     tr S ~ ||X||_F^2 and tr S^2 ~ ||X^T X||_F^2 = ||X X^T||_F^2 (the 1/(obs-1) cancels), so the

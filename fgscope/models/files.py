@@ -17,7 +17,15 @@ from torch import nn
 
 from fgscope.errors import ConfigError, ModelLoadError, UnsafeModelError
 from fgscope.models.export import _from_export
-from fgscope.models.hub import _build, _check_arch, _rekey, _remap_legacy, _sha256, _signature
+from fgscope.models.hub import (
+    _build,
+    _check_arch,
+    _rekey,
+    _remap_legacy,
+    _sha256,
+    _signature,
+    native_preprocess,
+)
 from fgscope.models.pt2scan import _pickled_global
 from fgscope.models.types import (
     _LIST_HINT,
@@ -188,7 +196,7 @@ def _from_state_dict(
     found = [tuple(v) for k in _LABEL_KEYS if _is_str_list(v := obj.get(k))] if where else []
     labels = found[0] if found and len(found[0]) == n_cls else None
     source = ModelSource(spec, "state_dict", name, None, str(path), digest, tuple(notes))
-    return _Resolved(model.eval(), None, n_cls, labels, source)
+    return _Resolved(model.eval(), native_preprocess(name, model), n_cls, labels, source)
 
 
 def _extract_state_dict(obj: Any) -> tuple[Mapping[str, torch.Tensor] | None, str | None]:

@@ -24,7 +24,15 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from fgscope.errors import ModelLoadError
-from fgscope.models.types import _LIST_HINT, ModelSource, Preprocess, _first_line, _Resolved
+from fgscope.models.types import (
+    _LIST_HINT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelSource,
+    Preprocess,
+    _first_line,
+    _Resolved,
+)
 
 __all__: list[str] = []
 
@@ -52,7 +60,8 @@ def _from_torchvision(spec: str, weights: str | None) -> _Resolved:
     enum, notes = _resolve_weights(name, weights)
     if enum is None:
         source = ModelSource(spec, "torchvision", name, None, None, None)
-        return _Resolved(_build(name).eval(), None, 1000, None, source)
+        model = _build(name).eval()
+        return _Resolved(model, native_preprocess(name, model), 1000, None, source)
     filename = os.path.basename(urlparse(enum.url).path)
     path = _find_weights_file(filename)
     if path is None:
@@ -94,6 +103,22 @@ def _weights_preprocess(enum: Any) -> Preprocess:
     return Preprocess(
         (crop, crop), resize, tuple(t.mean), tuple(t.std), InterpolationMode(t.interpolation).value
     )
+
+
+def native_preprocess(name: str, model: nn.Module) -> Preprocess | None:
+    """The input size an architecture was made for, for a model without torchvision weights
+    (random init, a state_dict): the crop size of the transforms that the builder's `default`
+    weights declare (metadata only: no file is read), with a plain resize and ImageNet
+    statistics; a model built for one image size (a ViT's `image_size`) keeps its own.
+    inception_v3: 299, efficientnet_b7: 600, resnet50: 224. None when nothing is known."""
+    size = getattr(model, "image_size", None)
+    if not isinstance(size, int):
+        try:
+            enum, _ = _resolve_weights(name, "default")
+            size = int(enum.transforms().crop_size[0])
+        except Exception:  # a builder without weights or transforms: the caller's default
+            return None
+    return Preprocess((size, size), None, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _check_arch(name: str, spec: str) -> None:

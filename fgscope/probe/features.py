@@ -217,10 +217,9 @@ def extract_features(
     from fgscope import metrics
     from fgscope.capture import capture
     from fgscope.device import autocast, resolve_device, resolve_dtype, to_device
-    from fgscope.geometry import trace_geometry
     from fgscope.images import LoadedImage, iter_images
+    from fgscope.places import trace_places
     from fgscope.selection import select_layers
-    from fgscope.stages import assign_stages
 
     pools = check_pools(pools)
     batch_size = min(batch_size, lm.max_batch or batch_size)  # a static-batch .pt2 takes no more
@@ -235,7 +234,7 @@ def extract_features(
         if rec.tensor.dim() in (2, 4):  # vectors and maps; other outputs are not probed
             shapes.setdefault(rec.name, tuple(int(s) for s in rec.tensor.shape[1:]))
 
-    geo, _ = trace_geometry(module, example, selected, on_record=probe_shapes)
+    places, _ = trace_places(module, example, selected, on_record=probe_shapes)  # model-wide stages
     names = list(shapes)
     grid = _grid_for(list(shapes.values())) if "hypercolumn" in pools else None
     proj = {
@@ -286,11 +285,8 @@ def extract_features(
         reasons = "; ".join(r for _, r in failures[:3])
         raise ImageError(f"none of the {len(failures)} image(s) could be read: {reasons}")
     values = {k: np.concatenate(v) for k, v in chunks.items()}
-    geos = [geo.get(n) for n in names]
-    strides = [max(g.stride) if g is not None and g.spatial else None for g in geos]
-    stages = assign_stages(strides, [len(shapes[n]) == 3 for n in names])
     infos = [
-        ProbeLayer(n, i, stages[i], strides[i], max(g.rf) if g is not None else None, shapes[n])
-        for i, (n, g) in enumerate(zip(names, geos))
+        ProbeLayer(n, i, places[n].stage, places[n].stride, places[n].rf, shapes[n])
+        for i, n in enumerate(names)
     ]
     return Features(infos, values, kept, hashes, failures, grid)

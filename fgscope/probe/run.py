@@ -227,31 +227,28 @@ def run_probe(config: ProbeConfig, console: Console | None = None) -> tuple[Path
 
 
 def print_summary(console: Console, result: ProbeResult) -> None:
-    """The pivot table on the console, best value per column in bold; on a narrow terminal
-    the means only (probe.md has everything)."""
-    from rich import box
-    from rich.table import Table
+    """The pivot table on the console, the best value per column in bold; on a narrow
+    terminal the standard deviations and then the stages are left out first (probe.md has
+    everything)."""
+    from fgscope.render.table import Col, print_table
 
     series = list(dict.fromkeys((r.pool, r.granularity) for r in result.rows))
     cell = {(r.layer, r.pool, r.granularity): r for r in result.rows}
     best = {s: max(r.acc_mean for r in result.rows if (r.pool, r.granularity) == s) for s in series}
-    name_w = max(len(layer.name) for layer in result.layers)
-    full = 4 + name_w + 8 + 8 + 15 * len(series) <= console.width
-    t = Table(title="linear probe accuracy" + (" (mean ± std over folds)" if full else " (mean over folds)"),
-              box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, collapse_padding=True)
-    for col in ("#", "layer", "stage", "stride") if full else ("#", "layer", "stride"):
-        t.add_column(col, justify="left" if col in ("layer", "stage") else "right", no_wrap=True)
+    cols = [Col("#"), Col("layer", "left", wrap=True), Col("stage", "left", drop=1), Col("stride", drop=1)]
     for p, g in series:
-        t.add_column(f"{p} {g}" if full else f"{p[:5]}\n{g}", justify="right", no_wrap=True)
+        cols += [Col(f"{p} {g}"), Col("±", drop=2)]
+    rows = []
     for layer in result.layers:
-        vals = []
+        row: list[Any] = [str(layer.index), layer.name, layer.stage, fmt_num(layer.stride) or "–"]
         for s in series:
             r = cell.get((layer.name, *s))
-            text = "–" if r is None else (f"{r.acc_mean:.3f} ± {r.acc_std:.3f}" if full else f"{r.acc_mean:.3f}")
-            vals.append(f"[bold]{text}[/]" if r is not None and r.acc_mean == best[s] else text)
-        head = [str(layer.index), Text(layer.name)] + ([layer.stage] if full else []) + [fmt_num(layer.stride) or "–"]
-        t.add_row(*head, *vals)
-    console.print(t)
+            bold = "bold" if r is not None and r.acc_mean == best[s] else ""
+            row += [Text("–" if r is None else f"{r.acc_mean:.3f}", style=bold),
+                    "" if r is None else f"{r.acc_std:.3f}"]
+        rows.append(row)
+    print_table(console, "linear probe accuracy (mean and ± std over folds)", cols, rows,
+                left_out_note="probe.md and probe.csv have every column")
     chance = {r.granularity: r.chance for r in result.rows}
     console.print("chance (majority class): " + ", ".join(f"{g} {v:.3f}" for g, v in chance.items()), markup=False)
     for note in result.notes:

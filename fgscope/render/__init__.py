@@ -7,9 +7,10 @@ starts fast.
 
 from __future__ import annotations
 
-from fgscope.render.export import save_figure
+from fgscope.render.export import min_text_pt, save_figure
 from fgscope.render.grid import (
     PNG_PARAMS,
+    TEXT_PX_KEY,
     colorize,
     colormap_lut,
     label_font,
@@ -21,6 +22,8 @@ from fgscope.render.style import ENERGY_LABEL, STYLE, figure_width, rc_params, s
 
 __all__ = [
     "PNG_PARAMS",
+    "TEXT_PX_KEY",
+    "min_text_pt",
     "colormap_lut",
     "colorize",
     "render_grid",

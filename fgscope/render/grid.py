@@ -47,6 +47,7 @@ from fgscope.render.text import (
 
 __all__ = [
     "PNG_PARAMS",
+    "TEXT_PX_KEY",
     "colormap_lut",
     "colorize",
     "render_grid",
@@ -57,6 +58,9 @@ __all__ = [
 
 PNG_PARAMS: dict[str, Any] = {"compress_level": 1}
 """Keyword arguments of `PIL.Image.save` for every PNG fgscope writes."""
+
+TEXT_PX_KEY = "fgscope:min-text-px"
+"""PNG text chunk: the size of the picture's smallest text in pixels (see `save_png`)."""
 
 _MIN_TILE = 96  # default: small maps are upscaled (by an integer factor) to at least this
 _GAP = 3  # px between tiles
@@ -338,7 +342,9 @@ def render_grid(
         texts = (_fmt(float(lo_n[0])), _fmt(float(hi_n[0])))
         _colorbar(canvas, lut32, texts, fs, x0, y0 + grid_h + _MARGIN, grid_w, lh)
 
-    return Image.frombytes("RGB", (width, height), canvas.tobytes(), "raw", "RGBX")
+    out = Image.frombytes("RGB", (width, height), canvas.tobytes(), "raw", "RGBX")
+    out.info[TEXT_PX_KEY] = str(fs)  # the tile labels: the smallest text (see save_png)
+    return out
 
 
 def _colorbar(
@@ -369,11 +375,18 @@ def _colorbar(
 
 def save_png(img: Image.Image, path: str | os.PathLike[str]) -> None:
     """Write `img` as PNG with `PNG_PARAMS`, atomically: to `<path>.tmp` in the same folder,
-    then renamed over `path`, so a reader never sees a half-written file."""
+    then renamed over `path`, so a reader never sees a half-written file. The size of its
+    smallest text (`img.info[TEXT_PX_KEY]`, set by `render_grid`) is kept in the file."""
+    from PIL.PngImagePlugin import PngInfo
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    extra: dict[str, Any] = {}
+    if TEXT_PX_KEY in img.info:
+        extra["pnginfo"] = PngInfo()
+        extra["pnginfo"].add_text(TEXT_PX_KEY, str(img.info[TEXT_PX_KEY]))
     try:
-        img.save(tmp, format="PNG", **PNG_PARAMS)
+        img.save(tmp, format="PNG", **PNG_PARAMS, **extra)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -3,8 +3,10 @@
 The page loads nothing: images are base64 `data:` URIs, the style sheet and the one small
 script are inline, fonts are the system's. The markup is also well-formed XML (void elements
 self-closed, only XML's five named entities, a script with no `<` or `&`), so the tests can
-parse it strictly. It reads on a laptop and on a phone: one column at most 72 em wide,
-images scale down, wide tables scroll sideways inside their own box.
+parse it strictly. It reads on a laptop and on a phone: one column at most 72 em wide (the
+abstraction table may use the window's width), images scale down but never below the size
+at which their smallest text is `READABLE_PX` CSS px high, and what is still too wide
+scrolls sideways inside its own box, with a note under the box saying so.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import base64
 import html as _html
 import io
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,7 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from fgscope.render.style import STYLE
+from fgscope.render.grid import TEXT_PX_KEY
+from fgscope.report.assets import SCRIPT, page_css
 
 __all__ = [
     "Cell",
@@ -30,6 +34,8 @@ __all__ = [
     "cite",
     "png_data_uri",
     "img_html",
+    "text_px",
+    "READABLE_PX",
     "table_html",
     "references_section",
     "render_page",
@@ -165,19 +171,38 @@ def png_data_uri(source: str | Path | bytes, *, recompress: bool = True) -> tupl
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii"), width, height
 
 
-def img_html(source: str | Path | bytes, alt: str, caption: str | None = None) -> str:
-    """A `<figure>` with the embedded image (intrinsic size kept, scaled down to fit).
+READABLE_PX = 8.0
+"""The smallest text height (CSS px) a figure may be shown at, on a phone as on a laptop."""
+_UNKNOWN_TEXT_PX = 11.0  # a PNG without a record (older runs): fgscope's smallest label size
 
-    A wide figure (more than twice as wide as high: a row of panels) would be unreadably
-    small on a phone, so there it keeps a readable width and scrolls sideways in its box.
-    """
-    uri, w, h = png_data_uri(source)
+
+def text_px(data: bytes) -> float:
+    """The size in pixels of the smallest text in a PNG fgscope wrote (its `TEXT_PX_KEY`
+    chunk; 11 px, fgscope's smallest label, for a picture without one)."""
+    with Image.open(io.BytesIO(data)) as im:
+        raw = getattr(im, "text", {}).get(TEXT_PX_KEY) if im.format == "PNG" else None
+    try:
+        return float(raw) if raw else _UNKNOWN_TEXT_PX
+    except ValueError:
+        return _UNKNOWN_TEXT_PX
+
+
+def img_html(source: str | Path | bytes, alt: str, caption: str | None = None) -> str:
+    """A `<figure>` with the embedded image: intrinsic size kept, scaled down to fit, but
+    never so far that its smallest text falls under `READABLE_PX` CSS px (from the size
+    the PNG records, `text_px`). A figure that would have to shrink further keeps that
+    width and scrolls sideways in its box (the page says so where it happens)."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    px = text_px(data)
+    uri, w, h = png_data_uri(data)
+    min_w = min(2 * w, math.ceil(w * (READABLE_PX + 0.25) / px))
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
-    img = f'<img src="{uri}" alt="{esc(alt)}" width="{w}" height="{h}" />'
-    if w > 2 * h:
-        return (f'<figure class="wide"><div class="pan">{img}</div>'
-                f'<p class="swipe">scroll sideways for the whole figure →</p>{cap}</figure>')
-    return f"<figure>{img}{cap}</figure>"
+    img = (f'<img src="{uri}" alt="{esc(alt)}" width="{w}" height="{h}" '
+           f'style="min-width:{min_w}px" data-text-px="{px:g}" />')
+    return f'<figure><div class="pan">{img}</div>{_SWIPE}{cap}</figure>'
+
+
+_SWIPE = '<p class="swipe">scroll sideways for the rest →</p>'
 
 
 def table_html(
@@ -187,16 +212,20 @@ def table_html(
     sortable: bool = True,
     cls: str = "",
     fit: bool = False,
+    bleed: bool = False,
 ) -> str:
-    """A table in a horizontally scrolling box.
+    """A table in a horizontally scrolling box (a note appears under it when it scrolls).
 
     Args:
-        header: one `(label, tooltip)` per column; the tooltip may be empty.
+        header: one `(label, tooltip)` per column; the tooltip may be empty. Labels break
+            after `_` and `/` when the header row needs the room.
         rows: cells, one per column.
         sortable: clicking a header sorts by that column (the inline script), numbers as
             numbers, missing values last.
         cls: extra CSS classes of the `<table>`.
         fit: the box is as wide as the table (small tables), not the whole column.
+        bleed: on a wide screen the box may use the window's whole width, not only the
+            text column's (the abstraction table).
     """
     rows = [list(r) for r in rows]
     classes = " ".join(c for c in ("sortable" if sortable else "", cls) if c)
@@ -204,7 +233,7 @@ def table_html(
     first = [[k for k in (c.cls or "").split() if k in ("l", "nm")] for c in rows[0]] if rows else []
     head = "".join(
         f'<th scope="col"{" class=" + _q(" ".join(first[i])) if i < len(first) and first[i] else ""}'
-        f'{" title=" + _q(tip) if tip else ""}>{esc(label)}</th>'
+        f'{" title=" + _q(tip) if tip else ""}>{_breakable(label)}</th>'
         for i, (label, tip) in enumerate(header)
     )
     body = []
@@ -219,131 +248,20 @@ def table_html(
             cells.append(f"<td{attrs}>{c.html}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     cls_attr = f" class={_q(classes)}" if classes else ""
+    box = "scroll" + (" fit" if fit else "") + (" bleed" if bleed else "")
     return (
-        f'<div class="scroll{" fit" if fit else ""}"><table{cls_attr}><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table></div>"
+        f'<div class="{box}"><table{cls_attr}><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>{_SWIPE}"
     )
+
+
+def _breakable(label: str) -> str:
+    """A header label that may break after `_` and `/` (`negative_<wbr />frac`)."""
+    return re.sub(r"([_/])", r"\1<wbr />", esc(label))
 
 
 def _q(value: object) -> str:
     return '"' + esc(value) + '"'
-
-
-def _stage_css() -> str:
-    rules = []
-    for stage, colour in STYLE["stage_colors"].items():
-        rules.append(f".st-{stage}{{background:{colour}2e}}")
-        rules.append(f".dot-{stage}{{color:{colour}}}")
-    return "".join(rules)
-
-
-_CSS = """
-:root{color-scheme:light;--fg:#1d1f23;--muted:#5b6170;--line:#d9dce3;--bg:#fff;--soft:#f5f6f8;
---accent:#3b5bdb}
-*{box-sizing:border-box}
-html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
-body{margin:0;background:var(--bg);color:var(--fg);line-height:1.5;font-size:16px;
-font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,"Noto Sans",
-"Liberation Sans",sans-serif}
-main,header.top,footer{max-width:72em;margin:0 auto;padding:0 16px}
-header.top{padding-top:20px}
-h1{font-size:1.6em;margin:0 0 4px;line-height:1.25;overflow-wrap:anywhere}
-h2{font-size:1.3em;margin:2em 0 .3em;padding-top:.4em;border-top:1px solid var(--line)}
-h3{font-size:1.05em;margin:1.4em 0 .3em;overflow-wrap:anywhere}
-.sub{color:var(--muted);margin:0 0 10px}
-nav.toc{display:flex;flex-wrap:wrap;gap:6px;margin:10px 0 0}
-nav.toc a{padding:3px 10px;border:1px solid var(--line);border-radius:999px;
-text-decoration:none;color:var(--fg);background:var(--soft);font-size:.9em}
-a{color:var(--accent)}
-p.lead{color:var(--muted);margin:.2em 0 1em;max-width:60em}
-figure{margin:0 0 1.2em}
-figure img{display:block;max-width:100%;height:auto;border:1px solid var(--line);
-background:#fff}
-figcaption{color:var(--muted);font-size:.9em;margin-top:4px}
-.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch;border:1px solid var(--line);
-margin:0 0 1.2em;max-width:100%}
-table{border-collapse:collapse;font-size:.82em;font-variant-numeric:tabular-nums;
-width:max-content}
-table.sortable{min-width:100%}
-.scroll.fit{display:inline-block;max-width:100%;vertical-align:top}
-th,td{padding:3px 7px;border-bottom:1px solid var(--line);text-align:right;
-white-space:nowrap}
-th{background:var(--soft);position:sticky;top:0;font-weight:600}
-td.l,th.l{text-align:left}
-td.nm{position:sticky;left:0;background:var(--bg);z-index:1}
-th.nm{position:sticky;left:0;z-index:2}
-table.sortable th{cursor:pointer;user-select:none}
-table.sortable th:hover{background:#e9ebf0}
-th[aria-sort=ascending]::after{content:" \\25B2";font-size:.8em}
-th[aria-sort=descending]::after{content:" \\25BC";font-size:.8em}
-table.kv{font-size:.9em;width:100%;table-layout:fixed}
-table.kv th{text-align:left;position:static;width:11em;white-space:normal}
-table.kv td{text-align:left;white-space:normal;overflow-wrap:anywhere}
-td.bar-cell{text-align:left;min-width:9em}
-code,.mono{font-family:ui-monospace,"SFMono-Regular",Menlo,Consolas,"Liberation Mono",
-monospace;font-size:.92em}
-.bar{display:inline-block;height:.7em;background:var(--accent);opacity:.55;
-vertical-align:middle;margin-right:6px;border-radius:2px}
-.best{font-weight:700}
-.note{background:#fff8e1;border:1px solid #f1d789;border-radius:6px;padding:8px 12px;
-margin:1em 0}
-.note ul{margin:.2em 0;padding-left:1.2em}
-.grid2{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:4px 16px}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:0 16px;
-align-items:start}
-footer{color:var(--muted);padding-top:2em;padding-bottom:2em}
-footer p{font-size:.85em;margin:0}
-ul.refs{font-size:.9em;padding-left:1.2em}
-ul.refs li{margin:.3em 0}
-.swipe{display:none}
-@media (max-width:600px){body{font-size:15px}h1{font-size:1.3em}
-th,td{padding:2px 5px}table.kv th{width:7.5em}.gallery{display:block}
-figure.wide .pan{overflow-x:auto;-webkit-overflow-scrolling:touch;border:1px solid var(--line)}
-figure.wide img{max-width:none;width:760px;border:0}
-.swipe{display:block;color:var(--muted);font-size:.85em;margin:2px 0 0}}
-@media print{nav.toc{display:none}h2{break-after:avoid}figure{break-inside:avoid}}
-"""
-
-# No `<` and no `&` inside, so the page stays well-formed XML without CDATA tricks.
-_SCRIPT = """
-(function () {
-  function value(td) {
-    var v = td.getAttribute("data-v");
-    if (v === null || v === "") return null;
-    var n = Number(v);
-    return isNaN(n) ? v.toLowerCase() : n;
-  }
-  function compare(a, b) {
-    if (a === b) return 0;
-    if (typeof a === typeof b) return a > b ? 1 : -1;
-    return typeof a === "number" ? -1 : 1;
-  }
-  Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), function (table) {
-    var heads = table.tHead.rows[0].cells;
-    Array.prototype.forEach.call(heads, function (th, col) {
-      th.tabIndex = 0;
-      function sort() {
-        var dir = th.getAttribute("aria-sort") === "ascending" ? -1 : 1;
-        Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
-        th.setAttribute("aria-sort", dir === 1 ? "ascending" : "descending");
-        var body = table.tBodies[0];
-        var rows = Array.prototype.slice.call(body.rows);
-        rows.sort(function (r1, r2) {
-          var a = value(r1.cells[col]), b = value(r2.cells[col]);
-          if (a === null) return b === null ? 0 : 1;
-          if (b === null) return -1;
-          return dir * compare(a, b);
-        });
-        rows.forEach(function (r) { body.appendChild(r); });
-      }
-      th.addEventListener("click", sort);
-      th.addEventListener("keydown", function (e) {
-        if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sort(); }
-      });
-    });
-  });
-})();
-"""
 
 
 def references_section(sections: Sequence[Section]) -> Section | None:
@@ -390,7 +308,7 @@ def render_page(
         '<meta name="viewport" content="width=device-width, initial-scale=1" />',
         '<meta name="generator" content="fgscope" />',
         f"<title>{esc(title)}</title>",
-        f"<style>{_CSS}{_stage_css()}</style></head><body>",
+        f"<style>{page_css()}</style></head><body>",
         f'<header class="top"><h1>{esc(title)}</h1><p class="sub">{subtitle}</p>',
         f'<nav class="toc" aria-label="sections">{toc}</nav>{note_html}</header><main>',
     ]
@@ -399,5 +317,5 @@ def render_page(
             f'<section id="{esc(s.id)}"><h2>{esc(s.title)}</h2>'
             f'<p class="lead">{s.lead}</p>{s.body}</section>'
         )
-    parts.append(f"</main><footer><p>{footer}</p></footer><script>{_SCRIPT}</script></body></html>\n")
+    parts.append(f"</main><footer><p>{footer}</p></footer><script>{SCRIPT}</script></body></html>\n")
     return "\n".join(parts)

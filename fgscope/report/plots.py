@@ -2,7 +2,8 @@
 the layer geometry.
 
 - `probe_paper`, `similarity_paper`: from the JSON files of `fgscope probe` and `similarity`;
-  lines and axes are vector in PDF and SVG, the CKA matrix an `imshow` image.
+  lines and axes are vector in PDF and SVG, the CKA matrix an `imshow` image (debiased CKA on
+  a diverging scale centred on 0).
 - `geometry_paper`: `fgscope.layers.figures.geometry_figure` itself, resized to the width.
 
 Drawn inside `fgscope.render.style_context()`. Widths, formats and export:
@@ -113,26 +114,35 @@ def probe_paper(rows: Sequence[dict], width_in: float) -> Figure:
     return fig
 
 
-def similarity_paper(data: dict[str, Any], width_in: float) -> Figure:
+def similarity_paper(data: dict[str, Any], width_in: float, biased: bool = False) -> Figure:
     """Linear CKA between layers as a matrix (raster inside vector files), and a curve beside
     it: with two models, each layer's CKA with the same layer of the other; with one model,
     each layer's CKA with the first and with the last layer.
 
+    The matrix is debiased CKA on a diverging scale centred on 0 (blue < 0 < red, -1..1), so
+    that -0.08 does not pass for a weak positive value; the curves show debiased CKA with the
+    biased estimator dashed beside it. A run without debiased values (or `biased=True`)
+    draws the biased estimator on 0..1 and says so in the colour bar.
+
     Args:
-        data: `similarity.json` (keys layers_x, layers_y, cka; optional vs, stages_y,
-            diagonal).
+        data: `similarity.json` (keys layers_x, layers_y, cka: rows = layers_x; optional
+            cka_debiased, vs, stages_y, diagonal).
         width_in: figure width in inches (the curve goes beside the matrix at 7 in, under
             it at 3.5 in).
+        biased: draw the biased estimator in the matrix instead.
 
     Raises:
         ValueError: a CKA matrix whose shape does not match the layer lists.
     """
     from matplotlib.figure import Figure
 
-    cka = np.asarray(data["cka"], dtype=float)  # None -> nan
     lx, ly = [str(x) for x in data["layers_x"]], [str(y) for y in data["layers_y"]]
-    if cka.shape != (len(ly), len(lx)):
-        raise ValueError(f"cka is {cka.shape}, expected ({len(ly)}, {len(lx)}) from the layer lists")
+    raw_biased = np.asarray(data["cka"], dtype=float)  # None -> nan; rows = layers_x
+    debiased = data.get("cka_debiased") is not None and not biased
+    cka = np.asarray(data["cka_debiased"], dtype=float) if debiased else raw_biased
+    for name, m in (("cka", raw_biased), ("cka_debiased", cka)):
+        if m.shape != (len(lx), len(ly)):
+            raise ValueError(f"{name} is {m.shape}, expected ({len(lx)}, {len(ly)}) from the layer lists")
     diag = data.get("diagonal") or []
     other = data.get("vs")
     curve = bool(diag) or (not other and lx == ly and len(ly) >= 2)
@@ -147,37 +157,45 @@ def similarity_paper(data: dict[str, Any], width_in: float) -> Figure:
         else:
             fig = Figure(figsize=(width_in, 3.2), layout="constrained")
             ax, ax2 = fig.add_subplot(), None
-        im = ax.imshow(cka, origin="lower", vmin=0, vmax=1, cmap="magma", interpolation="none",
-                       aspect="equal" if cka.shape[0] == cka.shape[1] else "auto")
-        _layer_ticks(ax, lx, width_in / 2 if wide else width_in)
-        _layer_ticks(ax, ly, width_in / 2 if wide else width_in, axis="y")
+        scale = {"vmin": -1, "vmax": 1, "cmap": "RdBu_r"} if debiased else {"vmin": 0, "vmax": 1, "cmap": "magma"}
+        im = ax.imshow(cka, origin="lower", interpolation="none",
+                       aspect="equal" if cka.shape[0] == cka.shape[1] else "auto", **scale)
+        _layer_ticks(ax, ly, width_in / 2 if wide else width_in)
+        _layer_ticks(ax, lx, width_in / 2 if wide else width_in, axis="y")
         model = str(data.get("model", "model"))
         ax.set_xlabel(f"layer of {Path(str(other)).name}" if other else "layer")
         ax.set_ylabel(f"layer of {Path(model).name}" if other else "layer")
         cb = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02)
-        cb.set_label("linear CKA")
+        cb.set_label("debiased linear CKA (0 = unrelated)" if debiased else "linear CKA (biased)")
         if ax2 is None:
             return fig
         stages = data.get("stages_y") or []
         if diag:
             names = [str(d["layer"]) for d in diag]
-            curves = [("CKA", [d.get("cka") for d in diag], "-")]
+            curves = []
             if all(d.get("cka_debiased") is not None for d in diag):
-                curves.append(("debiased", [d["cka_debiased"] for d in diag], "--"))
+                curves.append(("debiased", [d["cka_debiased"] for d in diag], "-"))
+            curves.append(("biased", [d.get("cka") for d in diag], "--"))
             ax2.set_ylabel("CKA with the same layer")
             stages = stages if len(stages) == len(names) else []
         else:
             names = ly
-            curves = [(f"with {ly[0]}", list(cka[:, 0]), "-"),
-                      (f"with {ly[-1]}", list(cka[:, -1]), "-")]
+            kind = "debiased" if debiased else "biased"
+            curves = [(f"{kind}, with {ly[0]}", list(cka[:, 0]), "-"),
+                      (f"{kind}, with {ly[-1]}", list(cka[:, -1]), "-")]
             ax2.set_ylabel("linear CKA")
         if len(stages) == len(names):
             _stage_spans(ax2, [str(s) for s in stages])
         x = np.arange(len(names))
+        low = 0.0
         for label, ys, ls in curves:
-            ax2.plot(x, np.asarray(ys, dtype=float), marker="o", ms=2.5, lw=1.2, ls=ls, label=label)
+            y = np.asarray(ys, dtype=float)
+            ax2.plot(x, y, marker="o", ms=2.5, lw=1.2, ls=ls, label=label)
+            if np.isfinite(y).any():
+                low = min(low, float(np.nanmin(y)))
+        ax2.axhline(0.0, color="#444444", lw=0.6)
         ax2.legend(frameon=False, fontsize=STYLE["font_size"] - 1)
-        ax2.set_ylim(0, 1.02)
+        ax2.set_ylim(min(-0.1, low - 0.05), 1.02)
         ax2.set_xlim(-0.5, len(names) - 0.5)
         _layer_ticks(ax2, names, width_in / 2 if wide else width_in)
     return fig

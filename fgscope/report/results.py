@@ -13,9 +13,12 @@ from typing import Any
 
 from fgscope.report.cells import fmt, fmt_int, kv_table, name_cell, sort_value, stage_cell
 from fgscope.report.html import Cell, Section, cite, esc, img_html, inline, table_html
-from fgscope.report.runs import RunFolder, read_json
+from fgscope.report.runs import RunFolder, model_name, read_json
 
-__all__ = ["cam_section", "probe_section", "advice_section", "similarity_section", "dump_section"]
+__all__ = [
+    "cam_section", "probe_section", "advice_section", "similarity_section", "dump_section",
+    "pooling_sentence",
+]
 
 
 def class_label(ref: Any) -> str:
@@ -147,13 +150,23 @@ def similarity_section(run: RunFolder) -> Section | None:
     "stages_x", "stages_y", "n_images", "cka", "cka_debiased", "method", "batch_size",
     "diagonal": [{"layer", "cka", "cka_debiased"}]}) and `similarity.png`."""
     data = read_json(run.path / "similarity.json", "similarity")
+    method = data.get("method")
+    n_img, batch, n_batches = data.get("n_images"), data.get("batch_size"), data.get("n_batches")
+    if method == "minibatch":
+        how = "minibatch: " + " of ".join(x for x in (
+            f"{n_batches} batches" if n_batches else "batches", f"{batch} images" if batch else "") if x)
+        computed = f"accumulated over minibatches of the images {cite('nguyen2021')}"
+    elif method == "full":
+        how = "full: all images at once" + (f" ({n_img})" if n_img else "")
+        computed = "computed on all the images at once (full Gram matrices)"
+    else:
+        how, computed = str(method or ""), "over the images"
     facts = [
         ("model", f'<span class="mono">{esc(data.get("model", ""))}</span>'),
         ("compared with", f'<span class="mono">{esc(data["vs"])}</span>' if data.get("vs") else ""),
         ("images", esc(data.get("n_images", ""))),
         ("layers", esc(f"{len(data.get('layers_y') or [])} × {len(data.get('layers_x') or [])}")),
-        ("method", esc(" · ".join(str(x) for x in (data.get("method"),
-                                                    f"batch {data['batch_size']}" if data.get("batch_size") else None) if x))),
+        ("method", esc(how)),
     ]
     body = kv_table(facts)
     if (run.path / "similarity.png").is_file():
@@ -166,8 +179,8 @@ def similarity_section(run: RunFolder) -> Section | None:
               Cell(fmt(d.get("cka_debiased")), sort_value(d.get("cka_debiased")))] for d in diag],
         )
     lead = (
-        f"Linear CKA {cite('kornblith2019')} between every pair of layers over the images, "
-        f"accumulated over minibatches {cite('nguyen2021')}: bright blocks are layers that "
+        f"Linear CKA {cite('kornblith2019')} between every pair of layers, {computed}: "
+        "bright blocks are layers that "
         "represent the images alike; a long bright block late in a network means the layers there "
         "add little."
     )
@@ -208,22 +221,17 @@ def advice_section(run: RunFolder) -> Section | None:
         return None
 
     def listing(v: Any) -> str:
-        if v is None or v == [] or v == {}:
+        if v is None or v == [] or v == {} or isinstance(v, dict):
             return ""
-        if isinstance(v, dict):  # e.g. {"fine": "avg", "gain": 0.01, "significant": false}
-            return "; ".join(f"{esc(k)}: {listing(x) or '–'}" for k, x in v.items())
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        if isinstance(v, bool):
-            return "yes" if v else "no"
         vals = v if isinstance(v, list) else [v]
         return ", ".join(f'<span class="mono">{esc(x)}</span>' for x in vals)
 
     facts = kv_table([
         ("tap layers", listing(data.get("tap_layers"))),
-        ("over-compression after", listing(data.get("over_compression_after")) or "none seen"),
-        ("best pooling", listing(data.get("best_pooling"))),
-        ("fine-tune stages", listing(data.get("finetune_stages"))),
+        ("over-compression", f"after {listing(c)}" if (c := data.get("over_compression_after"))
+         else "none seen"),
+        ("pooling", pooling_sentence(data.get("best_pooling"))),
+        ("fine-tune stages", esc(", ".join(str(x) for x in data.get("finetune_stages") or []))),
     ]) if data else ""
     lead = (
         "Which layers to tap and which stages to fine-tune for fine-grained recognition, read "
@@ -234,6 +242,26 @@ def advice_section(run: RunFolder) -> Section | None:
     return Section("advice", "Advice for fine-grained recognition", lead, facts + _md_blocks(text))
 
 
+def pooling_sentence(best: Any) -> str:
+    """advice.json's `best_pooling` ({"fine", "gain", "significant", "best_by_mean"}) as a
+    sentence (HTML): which pooling to use and why."""
+    if not isinstance(best, dict) or not best.get("fine"):
+        return ""
+    fine, top = str(best["fine"]), str(best.get("best_by_mean") or best["fine"])
+    gain = best.get("gain")
+    g = f"{gain:+.3f}" if isinstance(gain, (int, float)) else "?"
+
+    def mono(x: str) -> str:
+        return f'<span class="mono">{esc(x)}</span>'
+
+    if best.get("significant"):
+        return f"use {mono(fine)}: {g} accuracy over {mono('avg')}, more than the spread over folds"
+    if top not in ("avg", fine):
+        return (f"{mono('avg')} is enough: the best alternative, {mono(top)}, changes accuracy by "
+                f"{g}, within the spread over folds")
+    return f"{mono(fine)}: no other pooling did better"
+
+
 def dump_section(run: RunFolder) -> Section | None:
     """An activation dump: `index.json` ({"layers": [{"name", "type", "source_shape",
     "shape", "dtype", "pool"}] or {name: {"shape", "dtype"}}, "shards", "paths", "labels",
@@ -242,7 +270,9 @@ def dump_section(run: RunFolder) -> Section | None:
     layers = data.get("layers") or []
     if isinstance(layers, dict):
         layers = [{"name": k, **v} for k, v in layers.items()]
+    model = model_name((data.get("manifest") or {}) if isinstance(data.get("manifest"), dict) else {})
     facts = kv_table([
+        ("model", f'<span class="mono">{esc(model)}</span>' if model else ""),
         ("folder", f'<span class="mono">{esc(run.path)}</span>'),
         ("images", esc(len(data.get("paths") or []))),
         ("labelled", "yes" if data.get("labels") else ""),

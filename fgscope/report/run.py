@@ -43,7 +43,7 @@ from fgscope.report.live import (
 from fgscope.report.panels import cam_paper, hierarchy_paper
 from fgscope.report.plots import geometry_paper, probe_paper, similarity_paper
 from fgscope.report.results import class_label
-from fgscope.report.runs import RunFolder, Runs, load_runs, read_json
+from fgscope.report.runs import RunFolder, Runs, load_runs, model_name, read_json
 from fgscope.runs import RunDir, new_run_dir, write_text
 
 __all__ = [
@@ -256,9 +256,9 @@ def _page(runs: Runs, figures: list[Path], config: ReportConfig, run: RunDir,
     refs = references_section(present)
     present += [refs] if refs else []
 
-    man = runs.layers.manifest if runs.layers else (runs.all[0].manifest if runs.all else {})
-    model = man.get("model") or {}
-    spec = model.get("spec", "?") if isinstance(model, dict) else str(model)
+    ref = runs.layers or next((r for r in runs.all if model_name(r.manifest)), None)
+    man = ref.manifest if ref else (runs.all[0].manifest if runs.all else {})
+    spec = model_name(man) or "runs without a model"
     n_img = len(man.get("images") or [])
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
     bits = [f"{n_img} image{'s' if n_img != 1 else ''}" if n_img else "",

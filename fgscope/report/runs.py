@@ -15,7 +15,7 @@ from typing import Any
 
 from fgscope.errors import ConfigError
 
-__all__ = ["RUN_KINDS", "RunFolder", "Runs", "load_runs", "read_json"]
+__all__ = ["RUN_KINDS", "RunFolder", "Runs", "load_runs", "read_json", "model_name"]
 
 RUN_KINDS = ("layers", "cam", "probe", "advise", "similarity", "dump")
 _HINT = "pass output folders of fgscope layers, cam, probe, advise, similarity, dump or report"
@@ -135,8 +135,64 @@ def load_runs(folders: Sequence[str | Path]) -> Runs:
 
     for f in folders:
         add(Path(f))
+    _one_model(order)
     return Runs(
         layers=found.get("layers"), cams=tuple(found["cams"]), probe=found.get("probe"),
         advise=found.get("advise"), similarity=found.get("similarity"), dump=found.get("dump"),
         hierarchy_npz=npz, all=tuple(order),
     )
+
+
+def _model(manifest: dict[str, Any]) -> dict[str, Any]:
+    m = manifest.get("model")
+    if isinstance(m, str):
+        return {"spec": m}
+    return m if isinstance(m, dict) else {}
+
+
+def model_name(manifest: dict[str, Any]) -> str:
+    """The model a run's manifest names (its spec: `resnet50`, `model.pt`), "" if none."""
+    m = _model(manifest)
+    return str(m.get("spec") or m.get("arch") or "")
+
+
+def _name_key(m: dict[str, Any]) -> str:
+    """A model's name without the `torchvision:` prefix, a `:WEIGHTS` suffix or a folder."""
+    spec = str(m.get("spec") or m.get("arch") or "").strip()
+    if m.get("kind") in (None, "torchvision") and "/" not in spec and "\\" not in spec:
+        spec = spec.removeprefix("torchvision:").partition(":")[0]
+    return Path(spec).name.lower()
+
+
+def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Both runs used the same model: the same weights file (sha256) when both record one,
+    else the same name (runs from random init or with a bare spec record no hash)."""
+    if a.get("sha256") and b.get("sha256"):
+        return a["sha256"] == b["sha256"]
+    return _name_key(a) == _name_key(b)
+
+
+def _one_model(runs: Sequence[RunFolder]) -> None:
+    """Refuse runs of different models: a report describes one model (similarity's --vs
+    model is that run's own business)."""
+    groups: list[tuple[dict[str, Any], list[RunFolder]]] = []
+    for run in runs:
+        m = _model(run.manifest)
+        if not (m.get("spec") or m.get("arch")):
+            continue
+        for rep, members in groups:
+            if _same_model(rep, m):
+                members.append(run)
+                break
+        else:
+            groups.append((m, [run]))
+    if len(groups) > 1:
+        parts = [
+            f"{rep.get('spec') or rep.get('arch')} ({', '.join(f'{r.kind}: {r.path}' for r in members)})"
+            for rep, members in groups
+        ]
+        raise ConfigError(
+            f"--from mixes runs of different models: {' and '.join(parts)}",
+            hint="a report describes one model; pass the runs of one model (to compare two "
+            "models, run fgscope similarity MODEL IMAGES --vs OTHER and report that)",
+        )

@@ -155,20 +155,29 @@ _TABLE: list[tuple[str, str, str, str]] = [
     ("rf_frac", "rf / input", "receptive field divided by the input side", ".2f"),
     ("params", "params", "parameters of the module, submodules included", ","),
     ("stage", "stage", "early / middle / late, from the model's own downsampling", ""),
-    ("sparsity", "sparsity", "fraction of activations ≤ 0", ".3f"),
-    ("concentration", "concentration", "1 − normalised spatial entropy of the activation energy", ".3f"),
-    ("eff_dim", "eff. dim", "participation ratio of the channel covariance over positions", ".1f"),
+    ("signed", "signed", "some outputs are negative: no inactive state, see “negative”", ""),
+    ("sparsity", "sparsity", "fraction of exact zeros (inactive units); empty for signed outputs", ".3f"),
+    ("negative_frac", "negative", "fraction of outputs < 0", ".3f"),
+    ("concentration", "concentration", "1 − normalised spatial entropy of the activation energy (Pielou 1966)", ".3f"),
+    ("pr_spatial", "PR spatial", "participation ratio of the channel covariance over the positions of one image (≤ H·W − 1)", ".1f"),
+    ("pr_images", "PR images", "participation ratio of the avg-pooled features across the images (≤ N − 1; ≥ 10 images)", ".1f"),
     ("mean", "mean", "mean activation", ".3g"),
     ("max", "max", "max activation (per image, averaged)", ".3g"),
-    ("cka_input", "CKA in", "linear CKA to the input pixels (≥ 3 images)", ".3f"),
-    ("cka_output", "CKA out", "linear CKA to the model output (≥ 3 images)", ".3f"),
-    ("abstraction", "abstraction", "CKA out / (CKA in + CKA out): 0 like pixels, 1 like output", ".3f"),
+    ("abstraction", "abstraction", "view invariance: 1 − D(views of an image) / D(views vs. its tile-shuffled copy); 0 = chance, 1 = invariant; [95% interval over views]", ".2f"),
+    ("dcka_input", "dCKA in", "debiased linear CKA to the input pixels [95% jackknife interval over images]; ≥ 10 images, shown when the interval is ≤ 0.5 wide", ".2f"),
+    ("dcka_output", "dCKA out", "debiased linear CKA to the model output [95% jackknife interval over images]; ≥ 10 images, shown when the interval is ≤ 0.5 wide", ".2f"),
+    # Columns of layers runs written before the columns above (shown when such a run is read).
+    ("eff_dim", "eff. dim (old)", "older runs: spatial participation ratio within one image (now “PR spatial”)", ".1f"),
+    ("cka_input", "CKA in (biased)", "older runs: biased linear CKA to the input pixels, mostly estimator bias with few images", ".3f"),
+    ("cka_output", "CKA out (biased)", "older runs: biased linear CKA to the model output, mostly estimator bias with few images", ".3f"),
     ("transfer", "transfer", "fine-label linear-probe accuracy (avg pooling, k-fold CV)", ".3f"),
 ]
 
 
 # Shown inside other columns (spatial, channels: in shape; rf_exact: the ~ of rf).
-_HIDDEN = ("spatial", "channels", "rf_exact", "per_image")
+_HIDDEN = ("spatial", "channels", "rf_exact", "per_image", "empty", "grid")  # grid: its own section
+_OLD_ABSTRACTION = ("abstraction", "abstraction (old)", "older runs: CKA out / (CKA in + CKA out) of biased "
+                    "CKA, mostly estimator bias with few images", ".3f")
 
 
 def _layers_json(run: RunFolder) -> dict[str, Any]:
@@ -185,7 +194,10 @@ def table_section(run: RunFolder) -> Section:
     data = _layers_json(run)
     rows = data["layers"]
     known = {c[0]: c for c in _TABLE}
+    if any("cka_input" in r for r in rows):  # an older run: its abstraction was biased CKA
+        known["abstraction"] = _OLD_ABSTRACTION
     keys = [k for k in (data.get("columns") or list(known)) if k not in _HIDDEN]
+    keys = [k for k in keys if not (k.endswith(("_lo", "_hi")) and k[:-3] in keys)]  # folded in
     keys += [k for k in known if k not in keys and any(k in r for r in rows)]
     cols = [known.get(k, (k, k, "", ".3g")) for k in keys if any(r.get(k) is not None for r in rows)]
     body_rows = []
@@ -204,30 +216,50 @@ def table_section(run: RunFolder) -> Section:
                 cells.append(Cell(approx + fmt_int(v), sort_value(v)))
             elif key == "params":
                 cells.append(Cell("" if v is None else f"{int(v):,}", sort_value(v)))
+            elif v is None and (r.get("empty") or {}).get(key):
+                cells.append(Cell(f'<span title="{esc(r["empty"][key])}">–</span>', None))
+            elif v is not None and r.get(f"{key}_lo") is not None and r.get(f"{key}_hi") is not None:
+                lo, hi = fmt(r[f"{key}_lo"], ".2f"), fmt(r[f"{key}_hi"], ".2f")
+                cells.append(Cell(f"{fmt(v, spec)} <small>[{lo}, {hi}]</small>", sort_value(v)))
             else:
                 cells.append(Cell(fmt(v, spec), sort_value(v)))
         body_rows.append(cells)
-    table = table_html([(h, tip) for _, h, tip, _ in cols], body_rows)
-    note = ""
-    if not any(c[0] == "cka_input" for c in cols):
-        note = ('<p class="lead">The CKA and abstraction columns need at least 3 images '
-                "(with 2, linear CKA is identically 1).</p>")
+    table = table_html([(h, tip) for _, h, tip, _ in cols], body_rows, bleed=True)
+    note = _empty_note(rows)
     lead = (
         "One row per recorded layer: geometry, the stage, and statistics measured on the images. "
         "Click a header to sort; hover it for the definition. Receptive fields after "
-        f"{cite('araujo2019')}, effective dimensionality after {cite('gao2017')}, CKA after "
-        f"{cite('kornblith2019')}."
+        f"{cite('araujo2019')}, participation ratio after {cite('gao2017')}, debiased CKA after "
+        f"{cite('kornblith2019')}. A dash is an empty cell: hover it for the reason."
     )
     return Section("table", "Abstraction table", lead, table + note)
 
 
+def _empty_note(rows: Sequence[dict[str, Any]]) -> str:
+    """Why cells are empty, grouped by (column, reason), as a list (empty string: none)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        for col, why in (r.get("empty") or {}).items():
+            groups.setdefault((str(col), str(why).split(" — ")[0]), []).append(str(r.get("name")))
+    if not groups:
+        return ""
+    items = []
+    for (col, why), names in groups.items():
+        which = ", ".join(names) if len(names) <= 3 else f"{len(names)} of {len(rows)} layers"
+        items.append(f"<li><code>{esc(col)}</code> ({esc(which)}): {esc(why)}</li>")
+    return '<p class="lead">Empty cells:</p><ul>' + "".join(items) + "</ul>"
+
+
 def stage_layers(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last recorded map at each resolution (the hierarchy figure's columns), as rows.
+    """The last recorded map larger than 1x1 at each resolution (the hierarchy figure's
+    columns), as rows.
 
     The rule of `fgscope.layers.run.hierarchy_columns`, on JSON rows
     (`fgscope.stages` imports no torch, so `report --from` stays fast).
     """
-    return [rows[i] for i in last_at_each_resolution([r.get("spatial") for r in rows])]
+    spatial = [r.get("spatial") for r in rows]
+    return [rows[i] for i in last_at_each_resolution(spatial)
+            if spatial[i] and spatial[i][0] * spatial[i][-1] > 1]  # a 1x1 map has no picture
 
 
 def hierarchy_section(run: RunFolder, figure: Path | None = None, shown: int | None = None) -> Section | None:

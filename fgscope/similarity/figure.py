@@ -1,6 +1,11 @@
 """The `fgscope similarity` figure: CKA heatmaps with stage colour bars (and, with --vs, CKA of
 same-named layers against depth), as a matplotlib `Figure`.
 
+The first panel is debiased linear CKA on a diverging scale centred on 0 (blue below 0, white
+at 0, red up to 1), so that a slightly negative value, which means "no more similar than
+unrelated features", does not look like a weak positive one; the second is the biased
+estimator on its own 0..1 scale, for comparison (it is inflated with few images).
+
 matplotlib is imported inside the functions only."""
 
 from __future__ import annotations
@@ -45,9 +50,9 @@ def _stage_strip(ax: Any, places: Sequence[LayerPlace], axis: str, colors: dict)
 
 
 def similarity_figure(result: SimilarityResult, x_label: str, y_label: str | None = None) -> Figure:
-    """Heatmaps of CKA and debiased CKA (rows: MODEL's layers bottom to top; columns: the
-    --vs model's, left to right), stage colour bars along both axes; with --vs, a third
-    panel: CKA of same-named layers against depth.
+    """Heatmaps of debiased CKA (diverging scale centred on 0) and biased CKA (0..1), rows:
+    MODEL's layers bottom to top, columns: the --vs model's, left to right; stage colour bars
+    along both axes; with --vs, a third panel: CKA of same-named layers against depth.
 
     Args:
         result: what `compute_similarity` returned.
@@ -67,7 +72,7 @@ def similarity_figure(result: SimilarityResult, x_label: str, y_label: str | Non
     annotate = nx * ny <= 100
     colors = STYLE["stage_colors"]
     side = min(3.4, max(2.4, 0.28 * max(nx, ny)))
-    width = min(STYLE["max_width_in"], 2 * side + 3.2)
+    width = min(STYLE["max_width_in"], 2 * side + 3.8)
     height = side + 1.9 + (2.3 if diag else 0.0)
     with style_context():
         fig = Figure(figsize=(width, height), layout="constrained")
@@ -76,14 +81,15 @@ def similarity_figure(result: SimilarityResult, x_label: str, y_label: str | Non
         else:
             top, bottom = fig, None
         axes = top.subplots(1, 2)
-        norm = Normalize(0.0, 1.0)
-        biased = "linear CKA" if result.method == "full" else "linear CKA (biased: grows as\nbatches shrink)"
-        for ax, mat, title in zip(
-            axes, (result.cka, result.cka_debiased), (biased, "debiased linear CKA")
-        ):
+        diverging = Normalize(-1.0, 1.0)  # centred on 0: sign and size read at once
+        sequential = Normalize(0.0, 1.0)
+        biased = "biased linear CKA" + (" (inflated: grows\nas batches shrink)" if result.method == "minibatch"
+                                        else " (inflated with few images)")
+        panels = ((axes[0], result.cka_debiased, "debiased linear CKA", "RdBu_r", diverging),
+                  (axes[1], result.cka, biased, STYLE["cmap"], sequential))
+        for ax, mat, title, cmap, norm in panels:
             m = mat.numpy()
-            ax.imshow(m, origin="lower", cmap=STYLE["cmap"], norm=norm, aspect="auto",
-                      interpolation="nearest")
+            ax.imshow(m, origin="lower", cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
             ax.set_title(title)
             xi, xl = _tick_labels(py)
             yi, yl = _tick_labels(px)
@@ -99,14 +105,18 @@ def similarity_figure(result: SimilarityResult, x_label: str, y_label: str | Non
                     for j in range(ny):
                         v = m[i, j]
                         txt = "–" if math.isnan(v) else f"{v:.2f}"
-                        ink = "black" if not math.isnan(v) and v > 0.6 else "white"
+                        if norm is diverging:
+                            ink = "white" if not math.isnan(v) and abs(v) > 0.6 else "black"
+                        else:
+                            ink = "black" if not math.isnan(v) and v > 0.6 else "white"
                         ax.text(j, i, txt, ha="center", va="center", color=ink,
                                 fontsize=STYLE["font_size"] - (1 if max(nx, ny) > 7 else 0))
+            cb = top.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.8)
+            cb.set_label("debiased CKA (0 = unrelated)" if norm is diverging
+                         else "biased CKA (1 = same up to rotation and scale)")
         axes[0].set_ylabel(f"{x_label} layers")
         for ax in axes:
             ax.set_xlabel(f"{y_label or x_label} layers")
-        cb = top.colorbar(ScalarMappable(norm=norm, cmap=STYLE["cmap"]), ax=list(axes), shrink=0.8)
-        cb.set_label("CKA (1 = same up to rotation and scale)")
         present = [s for s in ("early", "middle", "late") if any(p.stage == s for p in [*px, *py])]
         top.legend(
             handles=[Patch(color=colors[s], label=s) for s in present], loc="outside upper center",
@@ -127,12 +137,13 @@ def _diagonal_panel(fig: Any, result: SimilarityResult, diag: list[dict], colors
     xs = [r["index"] for r in rows]
     for i, p in enumerate(result.places_x):
         ax.axvspan(i - 0.5, i + 0.5, color=colors.get(p.stage, "#999999"), alpha=0.12, lw=0)
-    for key, label, style in (("cka", "linear CKA", "-"), ("cka_debiased", "debiased", "--")):
+    for key, label, style in (("cka_debiased", "debiased", "-"), ("cka", "biased", "--")):
         ys = [np.nan if r[key] is None else r[key] for r in rows]
-        ax.plot(xs, ys, style, marker="o", ms=3, color="#222222" if style == "-" else "#c44e52",
+        ax.plot(xs, ys, style, marker="o", ms=3, color="#c44e52" if style == "-" else "#888888",
                 label=label, lw=1.2)
+    ax.axhline(0.0, color="#444444", lw=0.6)
     ax.set_xlim(-0.5, len(result.places_x) - 0.5)
-    ax.set_ylim(min(0.0, *[r["cka_debiased"] or 0.0 for r in rows]), 1.05)
+    ax.set_ylim(min(-0.05, *[r["cka_debiased"] or 0.0 for r in rows]) - 0.05, 1.05)
     idx, labels = _tick_labels(result.places_x, limit=25)
     ax.set_xticks(idx, labels=labels, rotation=30, ha="right", rotation_mode="anchor")
     ax.set_ylabel(f"CKA to the same layer\nof {vs}")

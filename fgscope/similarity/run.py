@@ -44,7 +44,6 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.text import Text
 from torch import Tensor
 
 from fgscope.errors import ConfigError, ImageError
@@ -199,50 +198,53 @@ def _short_name(lm: LoadedModel) -> str:
 def _print_summary(console: Console, result: SimilarityResult, data: dict[str, Any]) -> None:
     """The matrix when it fits (8 columns at most); otherwise one row per layer: its stage,
     CKA to the next layer, and with --vs the same-named and the best-matching layer."""
-    from rich import box
-    from rich.table import Table
+    from fgscope.render.table import Col, print_table
 
     d = result.cka_debiased
-    t = Table(title="debiased linear CKA", box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
-    t.add_column("layer", no_wrap=True)
-    t.add_column("stage", no_wrap=True)
+    title = "debiased linear CKA"
 
     def cell(v: float) -> str:
         return "–" if math.isnan(v) else f"{v:.2f}"
 
+    head = [Col("layer", "left", wrap=True), Col("stage", "left")]
     if len(result.layers_y) <= 8:
-        need = max(map(len, result.layers_x)) + 14 + sum(max(len(c), 4) + 3 for c in result.layers_y)
-        short = need > console.width  # columns by number, named in the caption
-        for j, name in enumerate(result.layers_y):
-            t.add_column(f"[{j}]" if short else escape(name), justify="right", no_wrap=True)
-        if short:
-            t.caption = "columns: " + ", ".join(f"\\[{j}] {escape(c)}" for j, c in enumerate(result.layers_y))
-        for i, name in enumerate(result.layers_x):
-            t.add_row(Text(name), result.places_x[i].stage, *(cell(v) for v in d[i].tolist()))
+        rows = [[name, result.places_x[i].stage, *(cell(v) for v in d[i].tolist())]
+                for i, name in enumerate(result.layers_x)]
+        cols = head + [Col(name) for name in result.layers_y]
+        caption = None
+        if console.is_terminal and not _fits(console, cols, rows):  # columns by number, named below
+            cols = head + [Col(f"[{j}]") for j in range(len(result.layers_y))]
+            caption = "columns: " + ", ".join(f"[{j}] {c}" for j, c in enumerate(result.layers_y))
+        print_table(console, title, cols, rows, caption=caption)
     elif result.vs_model is None:
-        t.add_column("to next", justify="right")
-        t.add_column("to first", justify="right")
-        t.add_column("to last", justify="right")
+        cols = head + [Col("to next"), Col("to first"), Col("to last")]
+        rows = []
         for i, name in enumerate(result.layers_x):
             nxt = cell(float(d[i, i + 1])) if i + 1 < len(result.layers_x) else ""
-            t.add_row(Text(name), result.places_x[i].stage, nxt, cell(float(d[i, 0])), cell(float(d[i, -1])))
+            rows.append([name, result.places_x[i].stage, nxt, cell(float(d[i, 0])), cell(float(d[i, -1]))])
+        print_table(console, title, cols, rows)
     else:
         same = {r["layer"]: r for r in data.get("diagonal", [])}
-        t.add_column("same layer", justify="right")
-        t.add_column("best match in --vs", no_wrap=True)
-        t.add_column("CKA", justify="right")
+        cols = head + [Col("same layer"), Col("best match in --vs", "left", wrap=True), Col("CKA")]
+        rows = []
         for i, name in enumerate(result.layers_x):
             row = torch.nan_to_num(d[i], nan=-math.inf)
             j = int(row.argmax())
             s_ = same.get(name, {}).get("cka_debiased")
-            t.add_row(
-                Text(name), result.places_x[i].stage, "" if s_ is None else f"{s_:.2f}",
-                Text(result.layers_y[j]), cell(float(d[i, j])),
-            )
-    console.print(t)
+            rows.append([name, result.places_x[i].stage, "" if s_ is None else f"{s_:.2f}",
+                         result.layers_y[j], cell(float(d[i, j]))])
+        print_table(console, title, cols, rows)
     if data.get("diagonal"):
         worst = data["diagonal"][:3]
         text = ", ".join(
             f"{r['layer']} {r['cka_debiased']:.3f}" for r in worst if r["cka_debiased"] is not None
         )
         console.print(f"largest change against --vs (debiased CKA): {text}", markup=False)
+
+
+def _fits(console: Console, cols: list[Any], rows: list[list[Any]]) -> bool:
+    """Every column fits the terminal without wrapping a name."""
+    from fgscope.render.table import fit_columns
+
+    keep, wrap = fit_columns(console, cols, rows, console.width)
+    return len(keep) == len(cols) and wrap is None

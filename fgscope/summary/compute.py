@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from fgscope.capture import LayerRecord
-from fgscope.geometry import LayerGeometry, trace_geometry
+from fgscope.geometry import LayerGeometry, trace
 from fgscope.selection import LayerSpec
 
 __all__ = ["SummaryRow", "ModelSummary", "summarize"]
@@ -30,7 +30,11 @@ class SummaryRow:
         stride_hw, rf_hw, padding_hw: per axis (H, W); padding = effective padding.
         rf_exact: False when the geometry involved an approximation.
         global_context: a broadcast global gate (squeeze-excitation) feeds this layer.
-        params: parameters of the module (including its submodules).
+        params: parameters of the module (including its submodules); 0 for a functional
+            operation (`layer1.0.add`).
+        rf_note: why `rf_exact` is False (the first reason, `(+k more)`), None when exact.
+        layout: where the map is in the output: `NCHW`, `NHWC`, `tokens`, `vector`, ...
+            (`fgscope.layouts`); None when unknown.
     """
 
     index: int
@@ -45,6 +49,8 @@ class SummaryRow:
     rf_exact: bool
     global_context: bool
     params: int
+    rf_note: str | None = None
+    layout: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +66,8 @@ class ModelSummary:
         total_params: unique parameters of the model.
         trainable_params: those with `requires_grad`.
         macs: multiply-accumulates of convolutions and linear layers per image.
+        notes: things the terminal should say once (functional operations that change the
+            representation and that the selection does not record).
     """
 
     rows: list[SummaryRow]
@@ -67,6 +75,7 @@ class ModelSummary:
     total_params: int
     trainable_params: int
     macs: int
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -74,6 +83,7 @@ class ModelSummary:
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
             "macs": self.macs,
+            "notes": list(self.notes),
             "layers": [r.to_dict() for r in self.rows],
         }
 
@@ -88,8 +98,13 @@ def summarize(
     layers: LayerSpec = "all",
     in_channels: int = 3,
     device: torch.device | str = "cpu",
+    report_ops: bool = True,
 ) -> ModelSummary:
     """Trace one dummy input of `input_size` through `model` and tabulate every selected call.
+
+    With `report_ops`, `notes` names the functional operations that change the representation
+    and that the selection does not record (`fgscope.geometry.trace`); a model torch.fx cannot
+    trace costs one more forward for it.
 
     Raises:
         LayerNotFoundError: an unknown layer name, before anything runs.
@@ -114,11 +129,15 @@ def summarize(
                 padding_hw=list(geo.padding) if spatial else None,
                 rf_exact=geo.exact if spatial else False,
                 global_context=geo.global_context if spatial else False,
-                params=_params(modules[rec.module_name]),
+                params=_params(modules[rec.module_name]) if rec.op is None else 0,
+                rf_note=geo.note if spatial else None,
+                layout=geo.layout.label if spatial and geo.layout is not None else None,
             )
         )
 
-    _, macs = trace_geometry(model, x, layers, on_record=on_record)
+    traced = trace(model, x, layers, on_record=on_record, report_ops=report_ops)
+    macs = traced.macs
+    note = traced.missed_note()
     unique = {id(p): p for p in model.parameters()}.values()
     return ModelSummary(
         rows=rows,
@@ -126,4 +145,5 @@ def summarize(
         total_params=sum(p.numel() for p in unique),
         trainable_params=sum(p.numel() for p in unique if p.requires_grad),
         macs=macs,
+        notes=[note] if note else [],
     )

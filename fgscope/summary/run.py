@@ -11,8 +11,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
 from fgscope.runs import write_text
 from fgscope.summary.compute import ModelSummary, summarize
@@ -21,7 +19,7 @@ __all__ = ["SummaryConfig", "run_summary", "CSV_COLUMNS"]
 
 CSV_COLUMNS = [
     "index", "name", "type", "shape", "stride", "rf", "stride_hw", "rf_hw", "padding_hw",
-    "rf_exact", "global_context", "params",
+    "rf_exact", "rf_note", "layout", "global_context", "params",
 ]
 
 
@@ -78,23 +76,21 @@ def _fmt(v: object) -> str:
 
 
 def _print_table(console: Console, result: ModelSummary, loaded: Any) -> None:
+    from fgscope.render.table import Col, print_table
+
     src = loaded.source
     title = f"{src.arch or src.spec} ({src.weights or 'random init' if src.kind == 'torchvision' else src.kind})"
-    table = Table(title=Text(title), show_lines=False, header_style="bold")
-    for col, justify in [
-        ("#", "right"), ("name", "left"), ("type", "left"), ("shape", "left"),
-        ("stride", "right"), ("rf", "right"), ("params", "right"),
-    ]:
-        table.add_column(col, justify=justify)
+    cols = [Col("#"), Col("name", "left", wrap=True), Col("type", "left", drop=2),
+            Col("shape", "left"), Col("stride"), Col("rf"), Col("params", drop=1)]
+    rows = []
     for r in result.rows:
         rf = _fmt(r.rf) if r.rf_hw is None or r.rf_hw[0] == r.rf_hw[1] else "x".join(map(_fmt, r.rf_hw))
         if r.rf is not None and not r.rf_exact:
             rf = "~" + rf
-        table.add_row(
-            str(r.index), Text(r.name), Text(r.type), "x".join(map(str, r.shape)), _fmt(r.stride), rf,
-            f"{r.params:,}",
-        )
-    console.print(table)
+        rows.append([str(r.index), r.name, r.type, "x".join(map(str, r.shape)), _fmt(r.stride), rf,
+                     f"{r.params:,}"])
+    print_table(console, title, cols, rows,
+                left_out_note="--csv FILE or --json FILE writes every column")
     h, w = result.input_size
     console.print(
         f"input {h}x{w} | params {result.total_params:,} "
