@@ -239,15 +239,7 @@ def test_bad_files_are_skipped_and_listed(tiny, tmp_path):
 def test_full_disk_stops_with_clear_error_and_the_same_command_continues(tiny, tmp_path, monkeypatch):
     paths = _images(tmp_path / "imgs", 8)
     ref_out, _ = run_dump(_config(tiny, paths, tmp_path / "ref", pool="none"))
-    real, calls = store_writer._write_chunks, []
-
-    def full_at_third(fh, chunks, digest):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fh, chunks, digest)
-
-    monkeypatch.setattr(store_writer, "_write_chunks", full_at_third)
+    real = _fill_disk_at(monkeypatch, 3)
     with pytest.raises(OutputError, match="No space left on device") as exc:
         run_dump(_config(tiny, paths, tmp_path / "d", pool="none"))
     assert "run the same command again" in str(exc.value)
@@ -266,17 +258,23 @@ def test_full_disk_stops_with_clear_error_and_the_same_command_continues(tiny, t
         assert (out / "shards" / f.name).read_bytes() == f.read_bytes()
 
 
-def _interrupted(tiny, inputs, out: Path, monkeypatch, **kw) -> None:
-    """A dump stopped after its first shard (the disk filled up), to be resumed."""
+def _fill_disk_at(monkeypatch, n: int):
+    """Make the n-th shard write fail with ENOSPC; returns the real writer (to restore)."""
     real, calls = store_writer._write_chunks, []
 
-    def full_at_second(fh, chunks, digest):
+    def full_at_nth(fh, chunks, digest):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == n:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fh, chunks, digest)
 
-    monkeypatch.setattr(store_writer, "_write_chunks", full_at_second)
+    monkeypatch.setattr(store_writer, "_write_chunks", full_at_nth)
+    return real
+
+
+def _interrupted(tiny, inputs, out: Path, monkeypatch, **kw) -> None:
+    """A dump stopped after its first shard (the disk filled up), to be resumed."""
+    real = _fill_disk_at(monkeypatch, 2)
     with pytest.raises(OutputError):
         run_dump(_config(tiny, inputs, out, pool="avg", **kw))
     monkeypatch.setattr(store_writer, "_write_chunks", real)
