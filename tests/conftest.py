@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +149,15 @@ def assert_one_line_error(result, code: int, *needles: str) -> None:
     assert "Traceback" not in result.output
     for n in needles:
         assert n in err, err
+
+
+def deny_scandir(monkeypatch: pytest.MonkeyPatch, *locked: Path) -> None:
+    """Make `os.scandir` fail with EACCES on `locked` folders (root ignores chmod)."""
+    real, denied = os.scandir, {os.path.realpath(p) for p in locked}
+
+    def scandir(path: object = ".") -> object:
+        if isinstance(path, (str, os.PathLike)) and os.path.realpath(path) in denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import deny_scandir as _deny_scandir
 from PIL import Image
 from torchvision.transforms import functional as F
 
@@ -24,17 +25,6 @@ def _png(path: Path, size: tuple[int, int] = (4, 4)) -> Path:
 
 def _preprocess(resize: int | None = 16) -> Preprocess:
     return Preprocess((16, 16), resize, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def _deny_scandir(monkeypatch: pytest.MonkeyPatch, *locked: Path) -> None:
-    real, denied = os.scandir, {os.path.realpath(p) for p in locked}
-
-    def scandir(path: object = ".") -> object:
-        if isinstance(path, (str, os.PathLike)) and os.path.realpath(path) in denied:
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real(path)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "scandir", scandir)
 
 
 @pytest.mark.timeout(20)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import deny_scandir as _deny_scandir
 from PIL import Image
 
 from fgscope.errors import ConfigError, ImageError
@@ -538,18 +539,6 @@ def test_image_folder_layout(tmp_path):
 
 def _png(path: Path, size: tuple[int, int] = (4, 4)) -> Path:
     return _save(Image.new("RGB", size, (9, 9, 9)), path)
-
-
-def _deny_scandir(monkeypatch: pytest.MonkeyPatch, *locked: Path) -> None:
-    """Make `os.scandir` fail with EACCES on `locked` folders (root ignores chmod)."""
-    real, denied = os.scandir, {os.path.realpath(p) for p in locked}
-
-    def scandir(path: object = ".") -> object:
-        if isinstance(path, (str, os.PathLike)) and os.path.realpath(path) in denied:
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real(path)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "scandir", scandir)
 
 
 @pytest.mark.timeout(20)
