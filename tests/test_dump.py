@@ -272,6 +272,15 @@ def _fill_disk_at(monkeypatch, n: int):
     return real
 
 
+def _wait_for_first_shard(proc: subprocess.Popen, progress: Path, limit: float = 90) -> None:
+    """Return once the dump in `proc` has completed a shard (or ended, or `limit` s passed)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["shards"]:
+            return
+        time.sleep(0.001)
+
+
 def _interrupted(tiny, inputs, out: Path, monkeypatch, **kw) -> None:
     """A dump stopped after its first shard (the disk filled up), to be resumed."""
     real = _fill_disk_at(monkeypatch, 2)
@@ -507,12 +516,8 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, one_thread):
     cmd = [sys.executable, "-m", "fgscope", "dump", *args, "--out", str(out)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / "parts/00000-of-00001/progress.json"
-    deadline = time.monotonic() + 90
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if progress.is_file() and json.loads(progress.read_text())["shards"]:
-                break
-            time.sleep(0.001)
+        _wait_for_first_shard(proc, progress)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -545,12 +550,8 @@ def test_second_dump_is_refused_while_one_runs_and_a_killed_ones_lock_is_taken_o
     cmd = [sys.executable, "-m", "fgscope", "dump", *args, "--out", str(out), "--workers", "1"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / "parts/00000-of-00001/progress.json"
-    deadline = time.monotonic() + 90
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if progress.is_file() and json.loads(progress.read_text())["shards"]:
-                break
-            time.sleep(0.001)
+        _wait_for_first_shard(proc, progress)
         second = _cli("dump", *args, "--out", out)  # the same command, while the first runs
         running = proc.poll() is None
     finally:
