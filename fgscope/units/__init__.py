@@ -1,0 +1,1 @@
+"""The `fgscope units` job: a unit atlas (dataset examples, part localization). Being built."""
