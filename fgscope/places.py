@@ -74,7 +74,7 @@ def trace_places(
         if on_record is not None and of_selection[rec.name]:
             on_record(rec, g)
 
-    geo, macs = trace_geometry(module, example_input, ["blocks", *selected], on_record=on_rec)
+    geo, macs = trace_geometry(module, example_input, ["kw:blocks", *selected], on_record=on_rec)
     names = list(geo)
     stages = assign_stages(
         [max(g.stride) if g is not None and g.spatial else None for g in geo.values()],

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -30,22 +29,31 @@ from torch import nn
 from fgscope.errors import ConfigError, LayerNotFoundError
 from fgscope.forward import forward
 from fgscope.functional import op_names
+from fgscope.globs import glob_names, glob_regex
 from fgscope.names import OPS, EveryCall, RecordName, alias_of_call, parse_record_name
+from fgscope.notes import Note, note
 from fgscope.stages import last_at_each_resolution
+from fgscope.wrappers import (
+    check_supported,
+    descends_into,
+    feature_info,
+    feature_layers,
+    hierarchy_part,
+    is_detector,
+)
 
 if TYPE_CHECKING:
     from fgscope.capture import LayerRecord
 
 __all__ = [
     "LayerSpec", "select_layers", "leaf_modules", "block_modules", "glob_regex", "glob_names",
-    "layer_limit", "DEFAULT_MAX_LAYERS",
+    "layer_limit", "DEFAULT_MAX_LAYERS", "KEYWORDS", "LayerNameClash",
 ]
 
 LayerSpec = str | Sequence[str] | None
 """`all`, `blocks`, `stages`, exact names, globs (`layer*`) and regexes (`re:^layer[12]$`),
 one string comma-separated or a sequence of strings."""
 
-_PURE_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _LIST_HINT = "run `fgscope summary MODEL --layers all` to list every layer name"
 
 
@@ -77,22 +85,28 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def block_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The model's building blocks: walking down from the root through pure containers
-    (`nn.Sequential`, `nn.ModuleList`, `nn.ModuleDict`, not their subclasses), the first
-    module that is a leaf or a module of its own class (a ResNet `BasicBlock`, an
-    `InvertedResidual`, a `Conv2dNormActivation`)."""
+    (`nn.Sequential`, `nn.ModuleList`, `nn.ModuleDict`, not their subclasses) and through
+    the wrappers that hold a spatial hierarchy (`fgscope.wrappers.descends_into`: a
+    `backbone`/`body`/`encoder`, a Hugging Face base model and its stages, timm's
+    `features_only` dictionaries and stages), the first module that is a leaf or a module of
+    its own class (a ResNet `BasicBlock`, an `InvertedResidual`, a `Conv2dNormActivation`).
+    A detector's blocks are its backbone's (`fgscope.wrappers.is_detector`)."""
     out: dict[str, nn.Module] = {}
 
     def walk(prefix: str, module: nn.Module) -> None:
+        base = getattr(module, "base_model_prefix", None)  # a Hugging Face model's base model
         for name, child in module.named_children():
             qual = f"{prefix}.{name}" if prefix else name
             if isinstance(child, torch.jit.ScriptModule):
                 continue
-            if type(child) in _PURE_CONTAINERS:
+            if descends_into("model" if name == base else qual, child):
                 walk(qual, child)
             else:
                 out[qual] = child
 
     walk("", model)
+    if is_detector(model):  # its heads work on proposals and boxes, not on the images
+        out = {n: m for n, m in out.items() if n.startswith("backbone.")} or out
     return out or {"": model}
 
 
@@ -103,14 +117,19 @@ def _split_spec(layers: LayerSpec) -> list[str]:
     # names handed back from a selection stay whole (an `EveryCall` is one module, every call)
     parts = [p for item in items for p in ([item] if isinstance(item, EveryCall) else
                                            [q.strip() for q in item.split(",")])]
-    parts = [p for p in parts if p]
+    # an `EveryCall("")` is the model itself (a TorchScript or leaf-only model's `output`)
+    parts = [p for p in parts if p or isinstance(p, EveryCall)]
     if not parts:
         raise ConfigError("empty layer selection", hint="use all, blocks, stages or names")
     return parts
 
 
-def _stage_names(model: nn.Module, example_input: torch.Tensor | None) -> list[str]:
-    """The last block at each spatial resolution, found with one forward of `example_input`."""
+def _stage_names(model: nn.Module, example_input: torch.Tensor | None) -> dict[str, str]:
+    """The last block at each spatial resolution (one per resolution), found with one
+    forward of `example_input`, as {selection name: module name}. In a wrapper with a
+    `backbone` / `body` / `encoder` (`fgscope.wrappers.hierarchy_part`) only its blocks
+    count: a segmentation head at the backbone's last resolution is not a stage. A block that returns several maps at once (an FPN's
+    dict of levels) takes part with each map (`backbone.fpn[0]`, ..., `backbone.fpn[pool]`)."""
     # Imported here, not at the top: `capture` resolves its own selection with `select_layers`.
     from fgscope.capture import capture
 
@@ -119,17 +138,79 @@ def _stage_names(model: nn.Module, example_input: torch.Tensor | None) -> list[s
             "the `stages` selection needs an example input to find where the resolution changes"
         )
     blocks = block_modules(model)
-    seen: list[tuple[str, tuple[int, int]]] = []
+    inside = hierarchy_part(model)  # a wrapper's backbone: its stages, not its head's
+    if inside and any(n.startswith(inside + ".") for n in blocks):
+        blocks = {n: m for n, m in blocks.items() if n.startswith(inside + ".")}
+    seen: list[tuple[str | None, str, tuple[int, int]]] = []  # (key, module, (H, W))
+    mixed: set[str] = set()  # blocks with an output element that is not a map
 
     def on_record(rec: LayerRecord) -> None:
         t = rec.tensor
-        if rec.key is None and t.dim() == 4:
-            seen.append((rec.module_name, (int(t.shape[-2]), int(t.shape[-1]))))
+        if t.dim() == 4 and (rec.key is None or "][" not in rec.key):
+            seen.append((rec.key, rec.module_name, (int(t.shape[-2]), int(t.shape[-1]))))
+        elif rec.key is not None:
+            mixed.add(rec.module_name)
 
-    with capture(model, list(blocks), on_record=on_record, to=None):
+    with capture(model, [EveryCall(n) for n in blocks], on_record=on_record, to=None):
         forward(model, example_input)
-    last = last_at_each_resolution([hw for _, hw in seen])
-    return list(dict.fromkeys(seen[i][0] for i in last))
+    seen = [(k, m, hw) for k, m, hw in seen if k is None or m not in mixed]
+    out: dict[str, str] = {}
+    last = last_at_each_resolution([hw for _, _, hw in seen])
+    # one row per resolution: a size seen again later (HRNet's parallel branches, an FPN's
+    # levels after its backbone's) keeps its last map
+    final = {seen[i][2]: i for i in last}
+    for i in sorted(final.values()):
+        key, module, _ = seen[i]
+        out.setdefault(module if key is None else f"{module}[{key}]", module)
+    return out
+
+
+KEYWORDS = ("all", "blocks", "stages", "features", OPS)
+"""Selection keywords. A bare keyword that is also the name of a module (timm's ConvNeXt and
+CSPDarkNet have `stages`, EfficientNet `blocks`, torchvision's VGG and MobileNet `features`)
+means: `features` the module when one is so named (as torchvision users expect), timm's
+`feature_info` layers otherwise; `all`, `blocks`, `stages`, `ops` always the keyword (every
+command's default is one of them), with a note naming the escape. `kw:WORD` is always the
+keyword, `name:NAME` always the module named NAME."""
+
+
+class LayerNameClash(Note):
+    """A bare selection keyword is also a module's name (see `KEYWORDS`)."""
+
+
+def _keyword(raw: str, named: dict[str, nn.Module], model: nn.Module) -> tuple[str, str]:
+    """(item, what it is): a keyword's lower-case name, `name` for `name:NAME` (item NAME),
+    else the item's lower-case text (neither)."""
+    if isinstance(raw, EveryCall):
+        return raw, ""
+    low = raw.lower()
+    if low.startswith("kw:"):
+        word = low[3:].strip()
+        if word not in KEYWORDS:
+            raise ConfigError(f"unknown selection keyword {raw!r}",
+                              hint=f"the keywords are {', '.join(KEYWORDS)}")
+        return word, word
+    if low.startswith("name:"):
+        name = raw[5:].strip()
+        if name not in named or not name:
+            return _keyword_fail(name, named)
+        return name, "name"
+    if low not in KEYWORDS or raw not in named:
+        return raw, low
+    if low == "features":
+        if feature_info(model) is not None:
+            note(f"--layers {raw}: the module named {raw!r}; timm's feature_info layers are "
+                 "kw:features", LayerNameClash)
+        return raw, "name"
+    note(f"--layers {raw}: the {low} keyword; the module named {raw!r} is name:{raw}",
+         LayerNameClash)
+    return raw, low
+
+
+def _keyword_fail(name: str, named: dict[str, nn.Module]) -> tuple[str, str]:
+    close = difflib.get_close_matches(name, [n for n in named if n], n=5, cutoff=0.5)
+    found = f"; did you mean {', '.join(close)}?" if close else ""
+    raise LayerNotFoundError(f"no layer named {name!r} in the model{found}", hint=_LIST_HINT)
 
 
 # --- exact record names: `module:k`, `module[key]`, FX node names -----------------------------
@@ -202,6 +283,8 @@ def _in_model_order(
     for n, m in named.items():
         if n in wide:
             out[EveryCall(n)] = m
+        elif n in chosen and n.lower() in KEYWORDS:  # passed back, it stays the module
+            out[EveryCall(n)] = m
         elif n in chosen:
             out[n] = m
         for key in after.get(n, []):
@@ -228,14 +311,16 @@ def select_layers(
 
     Raises:
         LayerNotFoundError: a name or pattern matches no module; close matches are listed.
+        UnsupportedModelError: a video or quantized model (`fgscope.wrappers.check_supported`).
     """
+    check_supported(model)  # video and quantized models: one line saying so
     named = _hookable(model)
     chosen: set[str] = set()
     patterns: dict[str, list[str]] = {}  # glob and regex items -> their hits (see _check_limit)
     records: dict[str, str] = {}  # record and FX names -> the module they belong to
     wide: set[str] = set()  # modules chosen whole (every call): `all`, `blocks`, patterns
-    for item in _split_spec(layers):
-        low = item.lower()
+    for raw in _split_spec(layers):
+        item, low = _keyword(raw, named, model)
         if isinstance(item, EveryCall) and item in named:  # passed back from a selection
             wide.add(item)
         elif low == "all":
@@ -243,7 +328,18 @@ def select_layers(
         elif low == "blocks":
             wide.update(block_modules(model))
         elif low == "stages":
-            wide.update(_stage_names(model, example_input))
+            found_stages = _stage_names(model, example_input)
+            if not found_stages:
+                raise LayerNotFoundError(
+                    "`stages` found no spatial map among the model's blocks (a TorchScript "
+                    "model records only its output)", hint="use --layers blocks or all")
+            for key, module in found_stages.items():
+                if key == module:
+                    wide.add(module)
+                else:
+                    records[key] = module
+        elif low == "features":
+            wide.update(feature_layers(model, named, example_input))
         elif item.startswith("re:") or (len(item) > 2 and item[0] == item[-1] == "/"):
             pattern = item[3:] if item.startswith("re:") else item[1:-1]
             try:
@@ -257,6 +353,8 @@ def select_layers(
             patterns[item] = hits
         elif low == OPS:
             records.update(_all_ops(model, named, example_input))
+        elif low == "name" and item in named:  # `name:X`: the module X, never a pattern
+            chosen.add(item)
         elif (found := _named_records(model, named, item, example_input)) is not None:
             for key, module in found.items():
                 if isinstance(key, EveryCall):
@@ -279,7 +377,7 @@ def select_layers(
     return _in_model_order(named, chosen, wide, records)
 
 
-# --- globs: `*` within one name component, `**` across components ---------------------------
+# --- how many layers globs may select (the globs themselves: fgscope.globs) -----------------
 
 DEFAULT_MAX_LAYERS = 64
 """The most layers a glob or regex may select unless allowed more (`layer_limit`,
@@ -304,61 +402,6 @@ def layer_limit(n: int | None) -> Iterator[None]:
         yield
     finally:
         _MAX_LAYERS.reset(token)
-
-
-def _component_regex(part: str) -> str:
-    """One name component of a glob (no dots) as a regex: `*` any run of characters but a
-    dot, `?` one such character, `[abc]` / `[!abc]` a class, everything else literal."""
-    out: list[str] = []
-    i, n = 0, len(part)
-    while i < n:
-        c = part[i]
-        if c == "*":
-            while i + 1 < n and part[i + 1] == "*":  # `a**b` inside one component is `a*b`
-                i += 1
-            out.append(r"[^.]*")
-        elif c == "?":
-            out.append(r"[^.]")
-        elif c == "[" and (end := part.find("]", i + 2 if part[i + 1 : i + 2] in ("!", "^") else i + 1)) > i:
-            body = part[i + 1 : end]
-            neg = body[:1] in ("!", "^")
-            body = body[1:] if neg else body
-            out.append("[" + ("^." if neg else "") + body.replace("\\", "\\\\") + "]")
-            i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return "".join(out)
-
-
-@functools.lru_cache(maxsize=256)
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """A layer glob as a compiled regex over qualified names, matched whole.
-
-    Components are split at dots, as path globs split at slashes: `*` matches within one
-    component (`layer*` is `layer1` .. `layer4`, not `layer1.0.conv1`), `**` as a whole
-    component matches any number of components (`layer3.**` is everything inside `layer3`,
-    `**.conv1` every `conv1` at any depth, `features.**.0` every first child below
-    `features`); `?` and `[...]` match one character of a component.
-    """
-    parts = pattern.split(".")
-    rx = ""
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part == "**":
-            if last:  # one or more components (after `a.`: inside a, not a itself)
-                rx += r"[^.]+(?:\.[^.]+)*"
-            else:  # zero or more components, each with its dot
-                rx += r"(?:[^.]+\.)*"
-            continue
-        rx += _component_regex(part) + ("" if last else r"\.")
-    return re.compile(rx)
-
-
-def glob_names(names: Iterable[str], pattern: str) -> list[str]:
-    """The names (in their order) that the glob `pattern` matches whole (see `glob_regex`)."""
-    rx = glob_regex(pattern)
-    return [n for n in names if n and rx.fullmatch(n)]
 
 
 def _check_limit(patterns: dict[str, list[str]]) -> None:

@@ -10,6 +10,13 @@ variants = 12 fine classes, named `<shape>-<texture>-<position>`, e.g.
     OUT_DIR/<fine class>/<fine class>_<NNNN>.png
     OUT_DIR/coarse_map.json      {"circle-dots-bottomright": "circle", ...}
     OUT_DIR/synthetic.json       generator, parameters and what each factor needs
+    OUT_DIR-masks/<fine class>/<fine class>_<NNNN>.png   part masks: 0 background, 1 shape, 2 spot
+    OUT_DIR-masks/legend.json    {"1": "shape", "2": "spot"}
+
+The masks sit in a folder beside OUT_DIR (inside it, `masks/` would be read as a 13th class);
+`fgscope units MODEL OUT_DIR --masks OUT_DIR-masks` scores every unit against them. A mask
+pixel is the shape (or the spot, drawn on top of it) where at least half of the pixel's
+supersampled area is covered.
 
 What telling each factor apart needs, by construction:
 - shape: the outline's form; colour, position, scale and a small rotation are random, so
@@ -50,6 +57,9 @@ __all__ = [
     "fine_classes",
     "coarse_map",
     "render_example",
+    "render_with_mask",
+    "masks_dir",
+    "MASK_LEGEND",
     "generate",
 ]
 
@@ -57,6 +67,7 @@ SHAPES = ("circle", "square", "triangle")
 TEXTURES = ("stripes", "dots")
 POSITIONS = ("topleft", "bottomright")
 
+MASK_LEGEND = {"1": "shape", "2": "spot"}
 _SS = 2  # supersampling factor: drawn at 2x, reduced with a box filter (anti-aliasing)
 _MIN_SIZE = 32
 
@@ -148,7 +159,14 @@ def _texture(texture: str, side: int, period: float, angle: float, phase: tuple[
 def render_example(
     shape: str, texture: str, position: str, size: int, rng: np.random.Generator
 ) -> Image.Image:
-    """Draw one image: `shape` (coarse) with a `texture` spot at `position` (fine).
+    """Draw one image: `render_with_mask` without the mask (same pixels for the same rng)."""
+    return render_with_mask(shape, texture, position, size, rng)[0]
+
+
+def render_with_mask(
+    shape: str, texture: str, position: str, size: int, rng: np.random.Generator
+) -> tuple[Image.Image, np.ndarray]:
+    """Draw one image and its part mask ((size, size) uint8: 0 background, 1 shape, 2 spot): `shape` (coarse) with a `texture` spot at `position` (fine).
 
     Args:
         shape: one of `SHAPES`.
@@ -158,7 +176,7 @@ def render_example(
         rng: the source of every random choice (colours, placement, scale, noise).
 
     Returns:
-        A `size` x `size` RGB image.
+        A `size` x `size` RGB image, and its mask (values as in `MASK_LEGEND`).
 
     Raises:
         ConfigError: an unknown shape, texture or position, or a size below 32.
@@ -210,7 +228,17 @@ def render_example(
     img = img * (1 - spot_mask) + tex * spot_mask
 
     out = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
-    return out.resize((size, size), Image.Resampling.BOX)
+    mask = np.zeros((size, size), np.uint8)
+    for value, m in ((1, shape_mask), (2, spot_mask)):
+        cover = m[..., 0].reshape(size, _SS, size, _SS).mean((1, 3))  # the BOX reduction
+        mask[cover >= 0.5] = value
+    return out.resize((size, size), Image.Resampling.BOX), mask
+
+
+def masks_dir(root: str | Path) -> Path:
+    """Where `generate` writes the masks of the set at `root`: the folder `<root>-masks` beside it."""
+    root = Path(root)
+    return root.parent / f"{root.name}-masks"
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -228,7 +256,8 @@ def generate(
     overwrite: bool = False,
     on_image: Callable[[], None] | None = None,
 ) -> SyntheticSet:
-    """Write the data set (ImageFolder layout, PNG) plus `coarse_map.json` and `synthetic.json`.
+    """Write the data set (ImageFolder layout, PNG) plus `coarse_map.json`, `synthetic.json`
+    and the part masks with their legend in `masks_dir(out_dir)`.
 
     Args:
         out_dir: the folder to write; it must be empty or missing unless `overwrite`.
@@ -240,7 +269,8 @@ def generate(
 
     Raises:
         ConfigError: per_class < 1 or size < 32.
-        OutputError: `out_dir` holds files and `overwrite` is False, or cannot be written.
+        OutputError: `out_dir` or its masks folder holds files and `overwrite` is False, or
+            cannot be written.
     """
     if per_class < 1:
         raise ConfigError(f"--per-class must be at least 1, got {per_class}")
@@ -251,23 +281,29 @@ def generate(
         raise OutputError(f"{root} exists and is not a folder", hint="choose another OUT_DIR")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
         raise OutputError(f"{root} is not empty", hint="choose an empty OUT_DIR or pass --overwrite")
+    mdir = masks_dir(root)
+    if mdir.is_dir() and any(mdir.iterdir()) and not overwrite:
+        raise OutputError(f"the masks folder {mdir} is not empty", hint="choose another OUT_DIR or pass --overwrite")
     classes = fine_classes()
     n = 0
     for ci, name in enumerate(classes):
         shape, texture, position = name.split("-")
         for i in range(per_class):
             rng = np.random.default_rng([seed, ci, i])
-            img = render_example(shape, texture, position, size, rng)
+            img, mask = render_with_mask(shape, texture, position, size, rng)
             atomic_write_bytes(root / name / f"{name}_{i:04d}.png", _png_bytes(img))
+            atomic_write_bytes(mdir / name / f"{name}_{i:04d}.png", _png_bytes(Image.fromarray(mask, "L")))
             n += 1
             if on_image is not None:
                 on_image()
     cmap = coarse_map()
+    write_json(mdir / "legend.json", MASK_LEGEND)
     write_json(root / "coarse_map.json", cmap)
     write_json(root / "synthetic.json", {
         "generator": "fgscope.synthetic",
         "seed": seed, "size": size, "per_class": per_class, "n_images": n,
         "classes": classes, "coarse_classes": list(SHAPES),
+        "masks": str(mdir), "mask_legend": MASK_LEGEND,
         "factors": {
             "shape (coarse)": "outline form; local edge and corner statistics already tell it",
             "texture (fine)": "stripes vs dots inside a small spot; needs small, high-resolution units",

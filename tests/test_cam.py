@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,3 +308,30 @@ def test_panel_rows_and_shown_layers():
     assert shown_layers(5) == [0, 1, 2, 3, 4]
     picked = shown_layers(96, 23)
     assert len(picked) == 23 and picked[0] == 0 and picked[-1] == 95 and picked == sorted(set(picked))
+
+
+def test_several_images_run_one_at_a_time_and_max_images_bounds_the_figures(labelled_ckpt, tmp_path):
+    ckpt, img = labelled_ckpt
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(3):
+        _image(48, seed=10 + k).save(folder / f"p{k}.png")
+    out = tmp_path / "out"
+    result = run("cam", ckpt, folder, "--arch", "resnet18", "--size", "64", "--class", "Persian cat",
+                 "--max-images", "2", "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "cam.json").read_text())
+    assert [Path(e["image"]).name for e in data["images"]] == ["p0.png", "p1.png", "p2.png"]
+    assert all(e["target"] == {"index": 1, "label": "Persian cat"} for e in data["images"])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["p0", "p1"]  # figures: first 2
+    assert all((out / s / "cam.png").is_file() for s in ("p0", "p1"))
+    assert all(lay["file"] is None for lay in data["images"][2]["layers"])
+    for e in data["images"][:2]:
+        assert all((out / lay["file"]).is_file() for lay in e["layers"])
+    summary = {s["name"]: s for s in data["summary"]}
+    maxes = [e["layers"][-1]["raw_max"] for e in data["images"]]
+    assert summary["layer4.1"]["raw_max_mean"] == pytest.approx(sum(maxes) / 3)
+    assert summary["layer4.1"]["images"] == 3
+    raw = np.load(out / "cam_raw.npz")
+    assert {k.split("/")[0] for k in raw.files} == {"p0", "p1"}
+    assert "first 2 of 3 images" in " ".join(result.output.split())

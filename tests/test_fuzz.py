@@ -68,6 +68,7 @@ def _cases():
     model_cmds = {
         "summary": [], "layers": ["imgs"], "dump": ["imgs"], "probe": ["data"],
         "advise": ["data"], "cam": ["img"], "similarity": ["imgs"], "report": ["imgs"],
+        "units": ["data"],
     }
     cases = {}
     for cmd, inputs in model_cmds.items():
@@ -203,6 +204,7 @@ OVERWRITE_RUNS = {
     "report": lambda w: ["report", *MODEL, str(w["imgs"] / "g0.png"), "--format", "png",
                          "--layers", "layer4"],
     "dump": lambda w: ["dump", *MODEL, str(w["imgs"]), "--layers", "layer4", "--pool", "avg"],
+    "units": lambda w: ["units", *MODEL, str(w["data"]), "--layers", "layer4", "--top", "2", "--no-figures"],
 }
 
 

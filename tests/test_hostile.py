@@ -231,6 +231,7 @@ COMMANDS: dict[str, Callable[[Path, Path, Path], list]] = {
     "probe": lambda m, d, o: ["probe", m, d / "dataset", "--out", o, "--folds", 2],
     "advise": lambda m, d, o: ["advise", m, d / "dataset", "--out", o, "--folds", 2],
     "report": lambda m, d, o: ["report", m, d / "imgs", "--out", o],
+    "units": lambda m, d, o: ["units", m, d / "dataset", "--out", o, "--top", 2],
 }
 
 

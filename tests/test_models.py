@@ -799,3 +799,67 @@ def test_densenet_legacy_keys_are_remapped():
 def test_num_classes_on_a_torchvision_name_is_refused():
     text = _raises(ConfigError, "resnet18", weights=None, num_classes=5)
     assert "--num-classes does not apply" in text
+
+
+# --- torchvision segmentation and detection builders ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, commands",
+    [
+        # A detector resizes every image to 800 px itself: tens of seconds on a CPU.
+        pytest.param("fcn_resnet50", ("summary", "layers"), marks=pytest.mark.slow),
+        ("deeplabv3_mobilenet_v3_large", ("summary", "layers")),
+        pytest.param(
+            "fasterrcnn_mobilenet_v3_large_fpn", ("summary", "layers"), marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_segmentation_and_detection_builders_by_name(tmp_path, offline, name, commands):
+    from conftest import run
+
+    lm = load_model(name, weights="none")
+    assert lm.source.kind == "torchvision" and lm.source.arch == name and lm.source.weights is None
+    assert any(("segmentation" in n or "detection" in n) for n in lm.source.notes)
+    if name.startswith("fasterrcnn"):  # the model normalizes itself: [0, 1] pixels in
+        assert (lm.preprocess.mean, lm.preprocess.std) == ((0.0,) * 3, (1.0,) * 3)
+        assert lm.input_size == (800, 800)
+    else:  # the SemanticSegmentation preset's size and statistics
+        assert lm.input_size == (520, 520) and lm.preprocess.mean == IMAGENET_MEAN
+    for command in commands:
+        extra = ("--out", tmp_path / command) if command == "layers" else ()
+        res = run(command, name, "--weights", "none", "--size", 64, *extra)
+        assert res.exit_code == 0, res.output
+    assert not list((offline / "hub" / "checkpoints").glob("*"))  # no backbone was fetched
+
+
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+def test_task_weights_found_offline_load_like_torchvision(tmp_path, monkeypatch, name):
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    ref = torchvision.models.get_model(
+        name, weights=None, weights_backbone=None, num_classes=len(enum.meta["categories"])
+    )
+    torch.manual_seed(0)
+    state = {k: torch.randn(v.shape) if v.is_floating_point() else v
+             for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    folder = tmp_path / "w"
+    folder.mkdir()
+    torch.save(state, folder / os.path.basename(enum.url))
+    monkeypatch.setenv("FGSCOPE_WEIGHTS_PATH", str(folder))
+    monkeypatch.setattr(models.hub, "_check_hash", lambda path, filename: "0" * 64)  # a fake file
+    lm = load_model(name)
+    assert lm.labels == tuple(enum.meta["categories"])
+    got = lm.module.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    t = enum.transforms()
+    if name.startswith("lraspp"):
+        assert lm.preprocess.resize_size == t.resize_size[0] and lm.preprocess.std == tuple(t.std)
+    else:  # torchvision's own choice for trained detectors: frozen BatchNorm
+        assert any(type(m).__name__ == "FrozenBatchNorm2d" for m in lm.module.modules())
+        assert lm.input_size == (320, 320)
+
+
+def test_unknown_name_suggests_tasks_and_other_sources():
+    text = _raises(ModelLoadError, "fcn_resnet5")
+    assert "fcn_resnet50" in text and "timm:NAME" in text and "hf:FOLDER" in text
+    assert "fasterrcnn_mobilenet_v3_large_fpn" in models.list_architectures()

@@ -172,11 +172,12 @@ def test_live_report_has_every_section_whose_results_exist(live):
     # A job's section is there exactly when its run wrote its results (a job whose module is
     # not installed yet leaves a note instead).
     expect = {"cam": "cam/cam.json", "similarity": "similarity/similarity.json",
-              "probe": "probe/probe.json", "advice": "advise/advice.json"}
+              "probe": "probe/probe.json", "advice": "advise/advice.json", "atlas": "units/units.json"}
     for sid, file in expect.items():
         assert (sid in ids) == (out / file).is_file(), sid
         if sid not in ids:
-            assert any(n.lower().startswith(("grad-cam", "layer similarity", "linear probes", "advice"))
+            assert any(n.lower().startswith(("grad-cam", "layer similarity", "linear probes", "advice",
+                                             "unit atlas"))
                        for n in res.notes)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "report" and manifest["sections"] == ids
@@ -430,6 +431,17 @@ def test_similarity_text_follows_its_method(tmp_path):
         assert says in sec.lead and never not in sec.lead + sec.body and row in sec.body
 
 
+def test_live_and_from_reports_show_the_unit_atlas(live, tmp_path):
+    out, res = live
+    assert (out / "units" / "units.json").is_file() and "atlas" in res.sections
+    page = res.html.read_text()
+    atlas = page.split('id="atlas"')[1].split("</section>")[0]
+    assert "<img" in atlas and 'href="#ref-bau2017"' in atlas and 'id="ref-morcos2018"' in page
+    # a units run alone (or with others) through --from gives the same section
+    _, res2 = run_report(ReportConfig(from_dirs=[out / "units"], out=tmp_path / "r"))
+    assert res2.sections[:1] == ["summary"] and "atlas" in res2.sections
+
+
 def test_from_refuses_runs_of_different_models(live, tmp_path):
     out, _ = live
     cam = tmp_path / "cam"
@@ -525,3 +537,54 @@ def test_documented_command_on_the_embedded_default(tmp_path):
         for ext in ("png", "pdf", "svg"):
             assert (out / "figures" / f"{name}.{ext}").stat().st_size > 1000
     assert (out / "report.html").stat().st_size < 6_000_000
+
+
+def test_abstraction_table_fits_a_laptop_with_ten_images(tmp_path_factory):
+    """At 1280 px the abstraction table of a 10-image run (every column filled: debiased CKA
+    with intervals, participation ratios) fits its box without sideways scrolling."""
+    import test_report_browser as browser_test
+
+    binary = browser_test._chromium_binary()
+    if binary is None:
+        pytest.skip("Chromium is not installed (see tests/test_report_browser.py)")
+    from fgscope.report.run import ReportConfig, run_report
+
+    root = tmp_path_factory.mktemp("fit")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(10):
+        p = root / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    _, res = run_report(ReportConfig(
+        model="resnet18", images=paths, out=root / "report", formats=("png",),
+        model_kwargs={"weights": None, "size": 64}, device="cpu",
+    ))
+    html = res.html
+    with browser_test.Chromium(binary) as browser:
+        page = browser.open(html.resolve().as_uri(), browser_test.LAPTOP, False)
+        box = page.eval("(() => { const b = document.querySelector('#table .scroll');"
+                        " return [b.scrollWidth, b.clientWidth]; })()")
+        heads = page.eval("Array.from(document.querySelectorAll('#table thead th')).map(t => t.textContent)")
+    assert "dCKA in" in heads and "max" in heads, heads
+    assert box[0] <= box[1] + 1, box
+
+
+def test_max_images_bounds_the_report_figures(live):
+    """4 images, --max-images 3 (the report's default): the layers run measures all 4 but keeps
+    grids for 3; hierarchy.npz, the page's hierarchy and the paper figure show 3 named rows."""
+    out, res = live
+    layers = json.loads((out / "layers" / "layers.json").read_text())
+    assert len(layers["images"]) == 4
+    assert len([p for p in (out / "layers" / "grids").iterdir() if p.is_dir()]) == 3
+    images, cols, labels = load_hierarchy(out / "hierarchy.npz")
+    assert len(images) == 3 and labels == ["img0.png", "img1.png", "img2.png"]
+    assert all(c.energy.shape[0] == 3 for c in cols)
+    html = res.html.read_text()
+    assert "The first 3 of 4 images" in html and "Grids of the first 3 of 4 images" in html
+
+
+def test_cli_views_are_checked_before_anything_runs(tmp_path, images):
+    _one_line_error(_cli("resnet18", *images[:1], "--views", "2", "--out", tmp_path / "r"), 2,
+                    "--views must be 0")
+    assert not (tmp_path / "r").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -201,6 +202,28 @@ def test_too_few_images_and_bad_batch(tiny):
         compute_similarity(lm, _images(8), batch_size=3)
     with pytest.raises(LayerNotFoundError, match="--vs model: no layer named 'block'"):
         compute_similarity(lm, _images(4), "block", vs=torchvision.models.resnet18(weights=None))
+
+
+def test_files_are_decoded_batch_by_batch_and_failures_leave_minibatches_valid(tiny, tmp_path):
+    """Paths stream (no decoded image is kept); the numbers equal those of the same images
+    without the bad file when the batches come out the same; a minibatch that failures leave
+    with fewer than 4 images waits for the next one."""
+    lm = load_model(tiny, size=32)
+    good = tmp_path / "good"
+    good.mkdir()
+    for i, im in enumerate(_images(16, size=32)):
+        im.save(good / f"im{i:02d}.png")
+    ref = compute_similarity(lm, [good], "all", batch_size=4)
+    assert ref.method == "minibatch" and ref.n_batches == 4 and ref.n_images == 16
+    assert not hasattr(ref.images[0], "image") and ref.images[0].size == (32, 32)
+    pil = compute_similarity(lm, _images(16, size=32), "all", batch_size=4)
+    assert torch.allclose(ref.cka_debiased, pil.cka_debiased, atol=1e-6, equal_nan=True)
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    (bad / "im01.png").write_bytes(b"not an image")  # batch 1 keeps 3 images: waits for batch 2
+    res = compute_similarity(lm, [bad], "all", batch_size=4)
+    assert res.n_images == 15 and len(res.failures) == 1 and res.n_batches == 3
+    assert [str(p.path.name) for p in res.images][:4] == ["im00.png", "im02.png", "im03.png", "im04.png"]
 
 
 # --- the command ---------------------------------------------------------------------------

@@ -140,3 +140,30 @@ def test_python_dash_m(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fgscope.synthetic", str(out)], capture_output=True, text=True)
     assert res.returncode == OutputError.exit_code
     assert res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_masks_mark_the_shape_and_the_spot(tmp_path):
+    from fgscope.synthetic import MASK_LEGEND, masks_dir, render_with_mask
+
+    img, mask = render_with_mask("square", "stripes", "topleft", 96, np.random.default_rng(4))
+    assert np.array_equal(np.asarray(img), _render("square", "stripes", "topleft", 96, 4).astype(np.uint8))
+    assert mask.shape == (96, 96) and set(np.unique(mask)) == {0, 1, 2}
+    a = np.asarray(img, dtype=np.float64)
+    spot = mask == 2
+    # The spot is where the texture is: near-black and near-white pixels, far more varied than
+    # the shape around it; the shape's own pixels are much flatter.
+    assert a[spot].std(0).mean() > 3 * a[mask == 1].std(0).mean()
+    ys, xs = np.nonzero(spot)
+    shape_ys, shape_xs = np.nonzero(mask > 0)
+    assert ys.mean() < shape_ys.mean() and xs.mean() < shape_xs.mean()  # top-left of the centre
+    ds = generate(tmp_path / "syn", per_class=1, size=40, seed=1)
+    mdir = masks_dir(ds.root)
+    assert mdir == tmp_path / "syn-masks"
+    assert json.loads((mdir / "legend.json").read_text()) == MASK_LEGEND
+    for p in image_folder(ds.root).paths:
+        m = np.asarray(Image.open(mdir / p.parent.name / p.name))
+        assert m.shape == (40, 40) and m.max() == 2
+    with pytest.raises(OutputError, match="masks folder"):
+        (tmp_path / "other-masks").mkdir()
+        (tmp_path / "other-masks" / "x").write_text("")
+        generate(tmp_path / "other", per_class=1, size=40)

@@ -40,6 +40,9 @@ class AdviseConfig:
         pools: poolings to probe (default: avg, bilinear, hypercolumn).
         layers: layer selection.
         from_probe: reuse the probe.json of this `fgscope probe` run folder instead of probing.
+        from_dump: probe the pooled features of this `fgscope dump` folder (no model runs).
+        pools_given: the poolings were asked for; when not, a dump is probed with those of
+            the default poolings it can give (`fgscope.probe.dumped.dump_pools`).
         Other fields: as `ProbeConfig`.
     """
 
@@ -52,6 +55,8 @@ class AdviseConfig:
     out: Path | None = None
     overwrite: bool = False
     from_probe: Path | None = None
+    from_dump: Path | None = None
+    pools_given: bool = True
     folds: int = 5
     seed: int = 0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -62,10 +67,10 @@ class AdviseConfig:
     c: float = 1.0
 
     def probe_config(self) -> ProbeConfig:
-        if self.data is None:
+        if self.data is None and self.from_dump is None:
             raise ConfigError("advise needs DATA (an ImageFolder) or --from-probe DIR")
         return ProbeConfig(
-            model=self.model, data=self.data, layers=self.layers, pools=self.pools,
+            model=self.model, data=self.data or Path("."), from_dump=self.from_dump, layers=self.layers, pools=self.pools,
             coarse_map=self.coarse_map, folds=self.folds, seed=self.seed, out=self.out,
             overwrite=self.overwrite, model_kwargs=self.model_kwargs, device=self.device,
             dtype=self.dtype, batch_size=self.batch_size, max_per_class=self.max_per_class, c=self.c,
@@ -74,6 +79,9 @@ class AdviseConfig:
     def check(self) -> None:
         if self.part_size is not None and self.part_size < 1:
             raise ConfigError(f"--part-size must be a positive number of pixels, got {self.part_size}")
+        if self.from_probe is not None and self.from_dump is not None:
+            raise ConfigError("--from-probe and --from-dump exclude each other",
+                              hint="pass one: a probe run folder, or a dump folder")
         if self.from_probe is None:
             self.probe_config().check()
         else:
@@ -102,9 +110,26 @@ def run_advise(config: AdviseConfig, console: Console | None = None) -> tuple[Pa
     console = console or Console(quiet=True)
     config.check()
     t0 = started = time.perf_counter()
+    dump = rows = None
     if config.from_probe is not None:
         data = load_probe(config.from_probe)
         result = None
+    elif config.from_dump is not None:
+        from fgscope.probe import dump_pools, probe_dump
+        from fgscope.progress import Phases
+        from fgscope.store.analysis import open_for_analysis, pick_layers
+
+        pc = config.probe_config()
+        dump = open_for_analysis(pc.from_dump)  # type: ignore[arg-type]
+        pools = pc.pools
+        if not config.pools_given:  # the defaults this dump can give (avg at least, if it can)
+            pools = tuple(p for p in pools if p in dump_pools(dump, pick_layers(dump, pc.layers))) or pools
+        with Phases(console, unit="rows") as phases:
+            result, feats, rows = probe_dump(
+                dump, pc.layers, pools, coarse_map=pc.coarse_map, folds=pc.folds, seed=pc.seed,
+                c=pc.c, max_per_class=pc.max_per_class, progress=phases.update,
+            )
+        data = result.to_json()
     else:
         from fgscope.models import load_model
 
@@ -117,14 +142,19 @@ def run_advise(config: AdviseConfig, console: Console | None = None) -> tuple[Pa
         data = result.to_json()
     t_probe = time.perf_counter() - t0
     advice = make_advice(data, config.part_size)
-    run = RunDir(new_run_dir(config.out, "advise", config.overwrite, [config.data, config.from_probe, config.coarse_map]), "advise", started=started)
+    run = RunDir(new_run_dir(config.out, "advise", config.overwrite, [config.data, config.from_probe, config.from_dump, config.coarse_map]), "advise", started=started)
     run.time("probe" if result is not None else "read_probe", t_probe)
-    if result is not None:
+    if dump is not None:
+        from fgscope.probe import dump_manifest_inputs
+
+        dump_manifest_inputs(run, dump, rows, pc, result.notes)
+    elif result is not None:
         write_manifest_inputs(run, lm, pc, result, feats)
     else:
         run.manifest.update(model={"spec": data.get("model")}, data=data.get("data"))
     run.manifest.update(
         from_probe=str(config.from_probe) if config.from_probe else None,
+        **({} if dump is None else {"from_dump_folder": str(dump.root)}),
         options={k: (str(v) if isinstance(v, Path) else v) for k, v in config.__dict__.items()},
     )
     if result is not None:

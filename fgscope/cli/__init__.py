@@ -18,6 +18,7 @@ from fgscope.cli import report as _report
 from fgscope.cli import similarity as _similarity
 from fgscope.cli import summary as _summary
 from fgscope.cli import synthetic as _synthetic
+from fgscope.cli import units as _units
 from fgscope.cli._command import Command, Group
 
 __all__ = ["app", "main"]
@@ -72,6 +73,7 @@ app.command("cam", cls=Command)(_cam.cam)
 app.command("advise", cls=Command)(_advise.advise)
 app.command("report", cls=Command)(_report.report)
 app.command("synthetic", cls=Command)(_synthetic.synthetic)
+app.command("units", cls=Command)(_units.units)
 
 
 def main() -> None:

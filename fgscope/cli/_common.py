@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.text import Text
 
 from fgscope.errors import FgscopeError
+from fgscope.notes import Note
 
-__all__ = ["guarded", "run_job", "print_error", "print_warning", "set_verbose", "err_console"]
+__all__ = ["guarded", "run_job", "print_error", "print_warning", "print_note", "set_verbose", "err_console"]
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -66,18 +67,31 @@ def _own_warnings(console: Console) -> Iterator[None]:
 
     with warnings.catch_warnings():
         previous = warnings.showwarning
+        noted: set[str] = set()
 
         def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-            if category.__module__.split(".")[0] == "fgscope":
-                print_warning(console, str(message))
-            else:
+            if category.__module__.split(".")[0] != "fgscope":
                 previous(message, category, *args, **kwargs)
+            elif issubclass(category, Note):
+                if str(message) not in noted:  # once per command
+                    noted.add(str(message))
+                    print_note(Console(highlight=False, soft_wrap=True), str(message))
+            else:
+                print_warning(console, str(message))
 
         warnings.showwarning = show
         from fgscope.runs import OutputRedirected
 
         warnings.simplefilter("always", OutputRedirected)
+        warnings.simplefilter("always", Note)
         yield
+
+
+def print_note(console: Console, text: str) -> None:
+    """`note: TEXT` on one line (stdout), TEXT as plain text: a model note
+    (`fgscope.notes.Note`: what can be recorded from a .pt2 or TorchScript model, which of a
+    wrapper's outputs is used)."""
+    console.print(Text.assemble(("note:", "yellow"), " ", " ".join(str(text).split())))
 
 
 def print_warning(console: Console, text: str) -> None:

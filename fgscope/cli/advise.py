@@ -44,6 +44,16 @@ def advise(
     output: opt.OutputOptions = opt.OutputOptions(),
     run: opt.RunOptions = opt.RunOptions(),
     batch_size: opt.BatchSizeOpt = 32,
+    from_dump: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-dump",
+            help="Probe the pooled features of this `fgscope dump` folder (also a torchrun / "
+            "--shard dump) instead of running MODEL over DATA; default pools: those of avg, "
+            "bilinear, hypercolumn that the dump can give.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """A short written recommendation from linear probes, quoting its numbers.
 
@@ -60,7 +70,8 @@ def advise(
         run_advise(AdviseConfig(
             model=model, data=data, part_size=part_size, coarse_map=coarse_map,
             pools=opt.split_pools(pool, ("avg", "bilinear", "hypercolumn")), layers=layers_,
-            out=output.out, overwrite=output.overwrite, from_probe=from_probe, folds=folds,
+            out=output.out, overwrite=output.overwrite, from_probe=from_probe, from_dump=from_dump,
+            pools_given=bool(pool), folds=folds,
             seed=seed, model_kwargs=run.load_kwargs(), device=run.device, dtype=run.dtype,
             batch_size=batch_size, max_per_class=max_per_class,
         ), console)

@@ -1,4 +1,4 @@
-"""`fgscope cam [MODEL] [IMAGE] [--class C | --contrast A B]`: Grad-CAM at every stage."""
+"""`fgscope cam [MODEL] [IMAGES...] [--class C | --contrast A B]`: Grad-CAM at every stage."""
 
 from __future__ import annotations
 
@@ -16,8 +16,12 @@ __all__ = ["cam"]
 @opt.with_options
 def cam(
     model: opt.DefaultModelArg = "mobilenet_v2",
-    image: Annotated[
-        str | None, typer.Argument(help="One image file; default: a sample photo.", show_default=False)
+    images: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Image files, folders or globs, run one at a time; default: a sample photo.",
+            show_default=False,
+        ),
     ] = None,
     class_: Annotated[
         str | None,
@@ -39,6 +43,7 @@ def cam(
     ] = None,
     layers_: opt.LayersOpt = "stages",
     max_layers: opt.MaxLayersOpt = opt.MAX_LAYERS_DEFAULT,
+    max_images: opt.MaxImagesOpt = opt.MAX_IMAGES_DEFAULT,
     output: opt.OutputOptions = opt.OutputOptions(),
     load: opt.ImageModelOptions = opt.ImageModelOptions(),
     where: opt.DeviceOptions = opt.DeviceOptions(),
@@ -49,14 +54,16 @@ def cam(
     (before softmax) with respect to each layer's maps; the map: ReLU of the
     weighted sum. The figure shows at which depth class-discriminative parts
     appear. Writes cam.json, cam.png, one cam_NN_LAYER.png per layer,
-    cam_raw.npz (raw maps and weights) and manifest.json.
+    cam_raw.npz (raw maps and weights) and manifest.json. With several images,
+    cam.json has every image and per-layer means over them; figures and maps are
+    written for the first --max-images images, one folder each.
     """
 
     def job(console: Console) -> None:
         from fgscope.cam import CamConfig, run_cam
 
         run_cam(CamConfig(
-            model=model, image=image, target=class_,
+            model=model, images=list(images or []), max_images=max_images, target=class_,
             contrast=tuple(contrast) if contrast else None, layers=layers_, out=output.out,
             overwrite=output.overwrite, model_kwargs=load.load_kwargs(), device=where.device,
         ), console)

@@ -41,12 +41,16 @@ def layers(
         ),
     ] = None,
     probe_folds: Annotated[int, typer.Option(help="Folds of the cross-validation for --probe-data.")] = 5,
+    max_images: opt.MaxImagesOpt = opt.MAX_IMAGES_DEFAULT,
+    views: opt.ViewsOpt = 8,
+    view_seed: opt.ViewSeedOpt = 0,
 ) -> None:
     """Show how features change with depth: table, activation grids, hierarchy figure.
 
     Writes layers.csv/.json/.md (one row per recorded layer call: shape, stride, receptive
-    field, stage and statistics measured on the images), grids/ (top-k channels per layer
-    and image), hierarchy.png, geometry.png and manifest.json into the output folder.
+    field, stage and statistics measured on every image, accumulated batch by batch),
+    grids/ (top-k channels per layer, for the first --max-images images), hierarchy.png
+    (one row per such image), geometry.png and manifest.json into the output folder.
     With --probe-data the table gains a `transfer` column (see `fgscope probe`).
     """
 
@@ -58,7 +62,7 @@ def layers(
             overwrite=output.overwrite, top_k=top_k, rank=rank, normalize=normalize,
             overlay=overlay, cmap=cmap, grids=grids, model_kwargs=run.load_kwargs(),
             device=run.device, dtype=run.dtype, batch_size=batch_size, probe_data=probe_data,
-            probe_folds=probe_folds,
+            probe_folds=probe_folds, max_images=max_images, views=views, view_seed=view_seed,
         ), console)
 
     run_job(job, max_layers=max_layers)

@@ -35,6 +35,10 @@ __all__ = [
     "MaxLayersOpt",
     "MAX_LAYERS_DEFAULT",
     "BatchSizeOpt",
+    "MaxImagesOpt",
+    "MAX_IMAGES_DEFAULT",
+    "ViewsOpt",
+    "ViewSeedOpt",
     "FoldsOpt",
     "SeedOpt",
     "MaxPerClassOpt",
@@ -46,7 +50,10 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-WEIGHTS_HELP = "torchvision weights: default, a name (IMAGENET1K_V2) or none (random init)."
+WEIGHTS_HELP = (
+    "torchvision weights: default, a name (IMAGENET1K_V2) or none (random init); "
+    "for timm:NAME a tag or none."
+)
 DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps."
 
 
@@ -60,7 +67,8 @@ class ModelOptions(OptionGroup):
 
     weights: Annotated[str, typer.Option(help=WEIGHTS_HELP)] = "default"
     arch: Annotated[
-        str | None, typer.Option(help="torchvision architecture for a state_dict file, e.g. resnet50.")
+        str | None,
+        typer.Option(help="architecture of a state_dict file: resnet50, or timm:NAME for timm."),
     ] = None
     trust: Annotated[
         bool,
@@ -196,7 +204,7 @@ ModelArg = Annotated[
 DefaultModelArg = Annotated[
     str,
     typer.Argument(
-        help="torchvision name or model file (see `fgscope summary --help`); "
+        help="torchvision name, timm:NAME, hf:FOLDER or model file (see `fgscope summary --help`); "
         "default: the embedded ImageNet MobileNetV2."
     ),
 ]
@@ -215,9 +223,12 @@ LayersOpt = Annotated[
     typer.Option(
         "--layers",
         "-l",
-        help="all | blocks | stages | names, globs or regexes ('re:^layer[12]$'), comma-separated. "
-        "In globs `*` stays inside one name component ('layer*': layer1..layer4; 'layer3.*': "
-        "the blocks of layer3) and `**` crosses them ('layer3.**': everything inside layer3).",
+        help="all | blocks | stages | features (timm's feature_info) | names, globs or regexes "
+        "('re:^layer[12]$'), comma-separated. In globs `*` stays inside one name component "
+        "('layer*': layer1..layer4; 'layer3.*': the blocks of layer3) and `**` crosses them "
+        "('layer3.**': everything inside layer3). A keyword that is also a module's name: "
+        "`features` is the module (torchvision), the others the keyword; `kw:WORD` is always "
+        "the keyword, `name:NAME` always the module.",
     ),
 ]
 MAX_LAYERS_DEFAULT = 64  # = fgscope.selection.DEFAULT_MAX_LAYERS (not imported here: torch)
@@ -230,6 +241,26 @@ MaxLayersOpt = Annotated[
     ),
 ]
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per forward.")]
+MAX_IMAGES_DEFAULT = 8  # = fgscope.layers.compute.MAX_IMAGES (not imported here: torch)
+MaxImagesOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-images",
+        min=1,
+        help="Images that get grids and figures (their activations are kept); statistics "
+        "always cover every image, so memory does not grow with the data set.",
+    ),
+]
+ViewsOpt = Annotated[
+    int,
+    typer.Option(
+        "--views",
+        min=0,
+        help="Views per image for the abstraction column (2K extra forwards for each of at "
+        "most 4 images); 0 leaves it empty, else at least 3.",
+    ),
+]
+ViewSeedOpt = Annotated[int, typer.Option("--view-seed", help="Image i's views are drawn with seed SEED + i.")]
 FoldsOpt = Annotated[int, typer.Option(help="Folds of the stratified cross-validation.")]
 SeedOpt = Annotated[
     int, typer.Option(help="Seed of folds, subsampling, projections and random init (--weights none).")

@@ -31,13 +31,13 @@ def report(
         typer.Option(
             "--from",
             help="Build the page from earlier run folders (layers, cam, probe, advise, "
-            "similarity, dump or report) without recomputing; repeat it or list folders after it.",
+            "similarity, dump, units or report) without recomputing; repeat it or list folders after it.",
             show_default=False,
         ),
     ] = None,
     probe_data: Annotated[
         Path | None,
-        typer.Option(help="Labelled images (one subfolder per class) for linear probes and advice."),
+        typer.Option(help="Labelled images (one subfolder per class) for linear probes, advice and the unit atlas."),
     ] = None,
     coarse_map: Annotated[
         Path | None,
@@ -51,15 +51,15 @@ def report(
     ] = "double",
     layers_: opt.LayersOpt = "blocks",
     max_layers: opt.MaxLayersOpt = opt.MAX_LAYERS_DEFAULT,
-    max_images: Annotated[
-        int, typer.Option(min=1, help="Images shown in the grids and the paper hierarchy figure.")
-    ] = 3,
+    max_images: opt.MaxImagesOpt = 3,
+    views: opt.ViewsOpt = 8,
+    view_seed: opt.ViewSeedOpt = 0,
     run: opt.RunOptions = opt.RunOptions(),
 ) -> None:
     """One self-contained HTML page and figures for papers, for one model and its images.
 
     Runs `layers` (and Grad-CAM on the first image, layer-by-layer CKA with 4+ images,
-    linear probes and advice with --probe-data) into sub-folders, then writes report.html
+    linear probes, advice and the unit atlas with --probe-data) into sub-folders, then writes report.html
     (run summary, abstraction table, hierarchy, geometry, stage grids, and the other
     results; images embedded, nothing loaded from the network) and figures/ (3.5 or 7 in
     wide, in each --format). With --from RUN_DIR... it builds the same page from earlier
@@ -77,7 +77,8 @@ def report(
             model=model or "mobilenet_v2", images=list(images or []), from_dirs=from_dirs,
             out=output.out, overwrite=output.overwrite, probe_data=probe_data,
             coarse_map=coarse_map, formats=tuple(format_.split(",")), width=width,
-            layers=layers_, max_images=max_images, model_kwargs=run.load_kwargs(),
+            layers=layers_, max_images=max_images, views=views, view_seed=view_seed,
+            model_kwargs=run.load_kwargs(),
             device=run.device, dtype=run.dtype,
         ), console)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -45,6 +46,16 @@ def similarity(
         ),
     ] = True,
     run: opt.RunOptions = opt.RunOptions(),
+    from_dump: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-dump",
+            help="Compare the layers stored in this `fgscope dump` folder (also a torchrun / "
+            "--shard dump) instead of running a model; no MODEL or IMAGES then. Raw maps "
+            "(--pool none) give the live numbers; pooled dumps give CKA of pooled features.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Linear CKA (Kornblith et al. 2019) between layers, biased and debiased.
 
@@ -53,15 +64,20 @@ def similarity(
     over minibatches (Nguyen, Raghu & Kornblith 2021): memory does not grow
     with the number of images. With --vs, rows are MODEL's layers, columns
     the second model's. Writes similarity.json, similarity.csv,
-    similarity_debiased.csv, similarity.png and manifest.json.
+    similarity_debiased.csv, similarity.png and manifest.json. With --from-dump DIR the
+    stored layers of a `fgscope dump` are compared without running the model (docs/dump.md).
     """
     # --vs is loaded like MODEL (trust, size, normalisation), with its own weights and arch.
     vs_run = dataclasses.replace(run, weights=vs_weights, arch=vs_arch, num_classes=None)
 
     def job(console: Console) -> None:
+        from fgscope.errors import ConfigError
         from fgscope.similarity import SimilarityConfig, run_similarity
 
-        run_similarity(SimilarityConfig(
+        if from_dump is not None and (images or model != "mobilenet_v2"):
+            raise ConfigError("similarity --from-dump compares the dump's stored layers: MODEL and "
+                              "IMAGES are not used", hint=f"run `fgscope similarity --from-dump {from_dump}`")
+        run_similarity(SimilarityConfig(from_dump=from_dump,
             model=model, images=list(images or []), vs=vs, layers=layers_, out=output.out,
             overwrite=output.overwrite, model_kwargs=run.load_kwargs(),
             vs_model_kwargs=vs_run.load_kwargs(), device=run.device, dtype=run.dtype,

@@ -29,7 +29,7 @@ def synthetic(
     """
 
     def job(console: Console) -> None:
-        from fgscope.synthetic import SHAPES, generate
+        from fgscope.synthetic import SHAPES, generate, masks_dir
 
         with Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(),
                       console=console, transient=True) as bar:
@@ -38,7 +38,8 @@ def synthetic(
                           on_image=lambda: bar.advance(task))
         console.print(
             f"wrote {ds.n_images} images ({len(ds.classes)} fine classes, {len(SHAPES)} coarse) "
-            f"to [bold]{escape(str(ds.root))}[/] and {ds.coarse_map_path.name}"
+            f"to [bold]{escape(str(ds.root))}[/] and {ds.coarse_map_path.name}; part masks to "
+            f"[bold]{escape(str(masks_dir(ds.root)))}[/]"
         )
 
     run_job(job, tune=False)

@@ -2,6 +2,9 @@
 
 - `compute`: `inspect`, the numbers of every layer call on the images.
 - `run`: the command's job: files, grids, figures, console table.
+- `stream`: the statistics accumulated while the batches flow (bounded memory).
+- `results`: `LayerStats`, `ImageInfo`, `InspectResult`.
+- `terminal`: what the command prints.
 - `figures`: the hierarchy and geometry figures.
 """
 
@@ -12,6 +15,8 @@ from fgscope._lazy import lazy_exports
 _EXPORTS = {
     "LayerStats": "compute",
     "InspectResult": "compute",
+    "ImageInfo": "compute",
+    "MAX_IMAGES": "compute",
     "inspect": "compute",
     "MIN_IMAGES_FOR_CKA": "compute",
     "STAT_KEYS": "compute",

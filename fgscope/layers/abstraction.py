@@ -16,6 +16,7 @@ Definitions and sources: docs/concepts.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ from fgscope import metrics
 from fgscope.capture import LayerRecord, capture
 from fgscope.device import autocast, to_device
 from fgscope.forward import forward
-from fgscope.metrics import ViewSpec
+from fgscope.metrics import Estimate, ViewSpec
 from fgscope.models import Preprocess
 
 __all__ = [
@@ -40,7 +41,9 @@ __all__ = [
     "run_views",
     "invariance_cells",
     "cka_cells",
+    "cka_estimate_cells",
     "images_pr_cell",
+    "pr_cell",
     "pooled",
 ]
 
@@ -124,6 +127,7 @@ def run_views(
     seed: int = 0,
     max_images: int = MAX_VIEW_IMAGES,
     batch_size: int = 16,
+    images: Sequence[int] | None = None,
 ) -> ViewFeatures:
     """Forward K views of each of `view_images(N, max_images)` images and of its shuffled
     copy through `module`, keeping only each selected record's pooled features.
@@ -133,10 +137,18 @@ def run_views(
             un-normalised pixels and normalised again.
         selected: module names to record.
         batch_size: images per forward (a static-batch program's `max_batch`).
+        images: the indices of `inputs` in the whole image set, when `inputs` holds only the
+            images to view (`inspect` keeps no others): all of them are viewed, image
+            `images[j]` with seed `seed + images[j]`. None: `view_images(N, max_images)`.
     """
     mean = torch.tensor(preprocess.mean)[:, None, None]
     std = torch.tensor(preprocess.std)[:, None, None]
-    out = ViewFeatures(images=view_images(len(inputs), max_images), spec=spec, seed=seed)
+    if images is not None:
+        out = ViewFeatures(images=list(images), spec=spec, seed=seed)
+        rows = dict(zip(images, range(len(images))))
+    else:
+        out = ViewFeatures(images=view_images(len(inputs), max_images), spec=spec, seed=seed)
+        rows = {i: i for i in out.images}
     chunks: dict[str, list[Tensor]] = {}
 
     def on_record(rec: LayerRecord) -> None:
@@ -145,7 +157,7 @@ def run_views(
     per_image: list[dict[str, Tensor]] = []
     with capture(module, selected, on_record=on_record, to=None):
         for i in out.images:
-            x01 = preprocess.unnormalize(inputs[i]).clamp(0, 1)  # (3, H, W)
+            x01 = preprocess.unnormalize(inputs[rows[i]]).clamp(0, 1)  # (3, H, W)
             va, vb = metrics.view_pairs(x01, spec, seed + i)  # (K, 3, H, W) each
             batch = (torch.cat([va, vb]) - mean) / std  # (2K, 3, H, W)
             chunks.clear()
@@ -186,7 +198,9 @@ def cka_cells(
     x: Tensor, input_gram: Tensor, output_gram: Tensor | None
 ) -> tuple[dict[str, float | None], dict[str, str]]:
     """Debiased linear CKA of one layer to the input and to the output, each with its 95%
-    jackknife interval over images, blanked (with the reason) when too uncertain.
+    jackknife interval over images, blanked (with the reason) when too uncertain: the
+    full-batch estimator on all n images at once (`inspect` streams the minibatch one,
+    `fgscope.layers.stream.CkaStream`, and formats it with `cka_estimate_cells`).
 
     Args:
         x: (N, ...) the layer's outputs for the N images.
@@ -194,20 +208,32 @@ def cka_cells(
         output_gram: (N, N) of the model's output, None when it has no tensor output.
     """
     n = len(x)
+    if n < MIN_IMAGES_FOR_CKA:
+        return cka_estimate_cells(None, None, n, output=output_gram is not None)
+    gram = metrics.gram_linear(x.double())  # (N, N)
+    est_out = metrics.jackknife_cka(gram, output_gram, debiased=True) if output_gram is not None else None
+    return cka_estimate_cells(metrics.jackknife_cka(gram, input_gram, debiased=True), est_out, n,
+                              output=output_gram is not None)
+
+
+def cka_estimate_cells(
+    est_input: Estimate | None, est_output: Estimate | None, n: int, *, output: bool = True
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """The `dcka_input`/`dcka_output` cells (value, `_lo`, `_hi`) of n images from their
+    estimates, and the reason for each empty cell: fewer than `MIN_IMAGES_FOR_CKA` images,
+    no tensor output (`output=False`), undefined, or an interval wider than `CKA_MAX_WIDTH`."""
     vals: dict[str, float | None] = {}
     why: dict[str, str] = {}
-    gram = metrics.gram_linear(x.double()) if n >= MIN_IMAGES_FOR_CKA else None  # (N, N)
-    for side, other in (("input", input_gram), ("output", output_gram)):
+    for side, est in (("input", est_input), ("output", est_output)):
         key = f"dcka_{side}"
         vals.update({key: None, f"{key}_lo": None, f"{key}_hi": None})
         if n < MIN_IMAGES_FOR_CKA:
             why[key] = f"needs >= {MIN_IMAGES_FOR_CKA} images (got {n})"
-            continue
-        if other is None:
+        elif side == "output" and not output:
             why[key] = "the model's output is not a tensor"
-            continue
-        est = metrics.jackknife_cka(gram, other, debiased=True)
-        if math.isnan(est.value) or math.isnan(est.lo):
+        elif est is None:
+            why[key] = "needs forward batches of >= 5 images (--batch-size)"
+        elif math.isnan(est.value) or math.isnan(est.lo):
             why[key] = "undefined: a representation is constant over the images"
         elif est.width > CKA_MAX_WIDTH:
             why[key] = (f"too uncertain with {n} images: the 95% interval is wider than {CKA_MAX_WIDTH}"
@@ -220,10 +246,19 @@ def cka_cells(
 def images_pr_cell(x: Tensor) -> tuple[float | None, str | None]:
     """Participation ratio of the average-pooled features across the N images, or the reason
     it is left empty. (N, ...) -> (value, reason)."""
-    n = len(x)
+    p = pooled(x)
+    return pr_cell(float(metrics.participation_ratio(p)) if len(x) >= 2 else math.nan, len(x), p.shape[1])
+
+
+def pr_cell(pr: float, n: int, dim: int = 0) -> tuple[float | None, str | None]:
+    """The `pr_images` cell from the participation ratio `pr` of n images' pooled features
+    of `dim` dimensions (`fgscope.layers.stream.PooledCovariance`), or why it is empty."""
+    from fgscope.layers.stream import MAX_PR_FEATURES
+
     if n < MIN_IMAGES_FOR_PR:
         return None, f"needs >= {MIN_IMAGES_FOR_PR} images (got {n})"
-    pr = float(metrics.participation_ratio(pooled(x)))
+    if dim > MAX_PR_FEATURES:
+        return None, f"{dim} pooled features: more than {MAX_PR_FEATURES}, no covariance is accumulated"
     if math.isnan(pr):
         return None, "the pooled features do not vary over the images"
     if pr > (n - 1) / 2:

@@ -23,7 +23,7 @@ from fgscope.render.style import ENERGY_LABEL, STYLE, style_context
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["hierarchy_figure", "geometry_figure"]
+__all__ = ["hierarchy_figure", "geometry_figure", "spread", "MAX_COLUMNS", "MAX_COLUMNS_PER_ROW"]
 
 _STAGES = ("early", "middle", "late")
 
@@ -37,11 +37,29 @@ def _normalized_energy(energy: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (up - lo) / (hi - lo)
 
 
+MAX_COLUMNS_PER_ROW = 8
+"""Layer panels per row block of the hierarchy figure; more columns wrap into further blocks
+(each starting again with the input image)."""
+MAX_COLUMNS = 24
+"""Layer columns drawn at most; beyond, evenly spaced ones (first and last included) are
+shown and a note under the figure says how many were left out."""
+
+
+def spread(n: int, most: int) -> list[int]:
+    """`most` evenly spaced indices of range(n), first and last included (all when n <= most)."""
+    if n <= most:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (most - 1)) for i in range(most)}) if most > 1 else [0]
+
+
 def hierarchy_figure(
     images: Sequence[Image.Image],
     columns: Sequence[tuple[str, np.ndarray]],
     *,
     col_notes: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    per_row: int = MAX_COLUMNS_PER_ROW,
+    max_columns: int = MAX_COLUMNS,
 ) -> Figure:
     """One row per image: the image, then per selected layer its activation energy on it.
 
@@ -54,6 +72,11 @@ def hierarchy_figure(
             upsampled bilinearly to the image, scaled to 0..1 within the panel and blended over
             the image with `STYLE["cmap"]` at `STYLE["overlay_alpha"]`. Arrays are not modified.
         col_notes: optional one note per layer column, written under the bottom row.
+        row_labels: optional one name per image (e.g. its file name), written left of its row.
+        per_row: layer columns per row block; more wrap into further blocks, each with the
+            images again, so panels keep their size however many layers there are.
+        max_columns: at most this many layer columns, evenly spaced over the given ones, with
+            a note saying how many were left out.
 
     Returns:
         A `matplotlib.figure.Figure`, 2 in per panel (less when that would make it wider than
@@ -78,52 +101,73 @@ def hierarchy_figure(
             )
     if col_notes is not None and len(col_notes) != len(columns):
         raise ValueError(f"col_notes has {len(col_notes)} entries for {len(columns)} columns")
+    if row_labels is not None and len(row_labels) != n_img:
+        raise ValueError(f"row_labels has {len(row_labels)} entries for {n_img} images")
+    keep = spread(len(columns), max(1, max_columns))
+    left_out = len(columns) - len(keep)
+    columns = [columns[i] for i in keep]
+    notes = [col_notes[i] for i in keep] if col_notes else None
+    per_row = max(1, per_row)
+    blocks = [list(range(i, min(i + per_row, len(columns)))) for i in range(0, len(columns), per_row)] or [[]]
 
     rgb = [np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]
-    n_col = 1 + len(columns)
+    n_col = 1 + len(blocks[0])
     alpha = STYLE["overlay_alpha"]
 
     # Fixed layout in inches (a layout engine leaves uneven gaps around equal-aspect images).
-    left, gap, cb_gap, cb_w, cb_text = 0.08, 0.06, 0.15, 0.14, 0.9
+    gap, cb_gap, cb_w, cb_text = 0.06, 0.15, 0.14, 0.9
+    left = 0.08 + (0.22 if row_labels else 0.0)
     fixed = left + (n_col - 1) * gap + cb_gap + cb_w + cb_text
     pw = min(STYLE["panel_in"], (STYLE["max_width_in"] - fixed) / n_col)
     title_pt = STYLE["label_size"] if pw >= 1.6 else STYLE["font_size"]
     line_in = title_pt / 72 * 1.3
     n_lines = max([1] + [len(label.splitlines()) for label, _ in columns])
     head = n_lines * line_in + 0.12
-    foot = line_in + 0.14 if col_notes else 0.08
+    foot = line_in + 0.14 if notes else 0.08
+    tail = line_in + 0.1 if left_out else 0.0
     heights = [pw * a.shape[0] / a.shape[1] for a in rgb]
     block = sum(heights) + gap * (n_img - 1)
-    fw, fh = fixed + n_col * pw, head + block + foot
+    fw = fixed + n_col * pw
+    fh = len(blocks) * (head + block + foot) + tail
 
     with style_context():
         fig = Figure(figsize=(fw, fh))
-        axes = np.empty((n_img, n_col), dtype=object)
-        top = fh - head
-        for r, (base, ph) in enumerate(zip(rgb, heights, strict=True)):
-            top -= ph
-            for c in range(n_col):
-                rect = ((left + c * (pw + gap)) / fw, top / fh, pw / fw, ph / fh)
-                axes[r, c] = ax = fig.add_axes(rect)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c == 0:
-                    ax.imshow(base.astype(np.uint8), interpolation="nearest", aspect="auto")
-                    continue
-                e = _normalized_energy(
-                    np.asarray(columns[c - 1][1][r], dtype=np.float32), base.shape[:2]
-                )
-                col = colorize(e, 0.0, 1.0, STYLE["cmap"]).astype(np.float32)
-                blend = (col * alpha + base * (1.0 - alpha) + 0.5).astype(np.uint8)
-                ax.imshow(blend, interpolation="nearest", aspect="auto")
-            top -= gap
-        for c, label in enumerate(["input"] + [label for label, _ in columns]):
-            axes[0, c].set_title(label, fontsize=title_pt, pad=4)
-            if col_notes and c:
-                axes[-1, c].set_xlabel(col_notes[c - 1], fontsize=title_pt, labelpad=4)
+        top = fh
+        for cols in blocks:
+            top -= head
+            axes = np.empty((n_img, 1 + len(cols)), dtype=object)
+            for r, (base, ph) in enumerate(zip(rgb, heights, strict=True)):
+                top -= ph
+                for c in range(1 + len(cols)):
+                    rect = ((left + c * (pw + gap)) / fw, top / fh, pw / fw, ph / fh)
+                    axes[r, c] = ax = fig.add_axes(rect)
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if c == 0:
+                        ax.imshow(base.astype(np.uint8), interpolation="nearest", aspect="auto")
+                        if row_labels:
+                            ax.set_ylabel(_short(row_labels[r]), fontsize=STYLE["font_size"], labelpad=3)
+                        continue
+                    e = _normalized_energy(
+                        np.asarray(columns[cols[c - 1]][1][r], dtype=np.float32), base.shape[:2]
+                    )
+                    col = colorize(e, 0.0, 1.0, STYLE["cmap"]).astype(np.float32)
+                    blend = (col * alpha + base * (1.0 - alpha) + 0.5).astype(np.uint8)
+                    ax.imshow(blend, interpolation="nearest", aspect="auto")
+                top -= gap
+            top += gap
+            for c, label in enumerate(["input"] + [columns[j][0] for j in cols]):
+                axes[0, c].set_title(label, fontsize=title_pt, pad=4)
+                if notes and c:
+                    axes[-1, c].set_xlabel(notes[cols[c - 1]], fontsize=title_pt, labelpad=4)
+            top -= foot
+        if left_out:
+            fig.text(left / fw, 0.05 / fh, f"{len(columns)} of {len(columns) + left_out} layers shown, "
+                     "evenly spaced over depth", fontsize=STYLE["font_size"], va="bottom")
 
+        body = fh - tail
         cb_h = min(block, 5.0)
-        cb_y = fh - head - block / 2 - cb_h / 2
+        cb_y = tail + body / 2 - cb_h / 2
         cax = fig.add_axes(((fw - cb_text - cb_w) / fw, cb_y / fh, cb_w / fw, cb_h / fh))
         sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=STYLE["cmap"])
         cb = fig.colorbar(sm, cax=cax)
@@ -132,6 +176,11 @@ def hierarchy_figure(
         label = ENERGY_LABEL if cb_h >= 2.8 else ENERGY_LABEL.replace(" (", "\n(")
         cb.set_label(label, fontsize=STYLE["font_size"])
     return fig
+
+
+def _short(name: str, most: int = 24) -> str:
+    """A row label that fits beside a panel: long names keep their start and end."""
+    return name if len(name) <= most else name[: most // 2 - 1] + "…" + name[-(most // 2 - 1):]
 
 
 def _runs(stages: list[str], xs: list[float]) -> list[tuple[str, float, float, int]]:

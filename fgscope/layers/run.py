@@ -1,9 +1,10 @@
 """The `fgscope layers` job: inspect, then write the table, grids, figures and manifest.
 
 Output folder:
-    layers.csv, layers.json, layers.md   the abstraction table (same numbers in each)
-    grids/<image>/<NN>_<layer>.png       top-k channels per layer and image
-    hierarchy.png                        per image: the image, then energy at each stage
+    layers.csv, layers.json, layers.md   the abstraction table (same numbers in each, all images)
+    grids/<image>/<NN>_<layer>.png       top-k channels per layer, for the first --max-images
+    hierarchy.png                        per image (the first --max-images): the image, then
+                                         energy at each stage
     geometry.png                         spatial size, channels, receptive field vs depth
     manifest.json                        versions, model, images, command, predictions, timings
 
@@ -26,11 +27,11 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.text import Text
 
 from fgscope.errors import ConfigError
-from fgscope.layers.compute import InspectResult, LayerStats, inspect
+from fgscope.layers.abstraction import VIEWS
+from fgscope.layers.compute import MAX_IMAGES, InspectResult, LayerStats, inspect
+from fgscope.progress import Phases, ProgressFn
 from fgscope.runs import RunDir, model_entry, new_run_dir, write_json, write_text
 from fgscope.stages import last_at_each_resolution
 
@@ -40,14 +41,12 @@ __all__ = [
 ]
 
 TABLE_COLUMNS = [
-    "index", "name", "type", "shape", "spatial", "channels", "stride", "rf", "rf_frac",
-    "rf_exact", "params", "stage", "signed", "sparsity", "negative_frac", "concentration",
+    "index", "name", "type", "shape", "spatial", "channels", "layout", "stride", "rf", "rf_frac",
+    "rf_exact", "rf_note", "params", "stage", "signed", "sparsity", "negative_frac", "concentration",
     "pr_spatial", "pr_images", "mean", "max", "abstraction", "abstraction_lo", "abstraction_hi",
     "dcka_input", "dcka_input_lo", "dcka_input_hi", "dcka_output", "dcka_output_lo",
     "dcka_output_hi",
 ]
-HIERARCHY_IMAGES = 8
-"""hierarchy.png has one row per image for the first this many images (the grids have all)."""
 _RANKS = ("mean", "max", "std", "energy")
 _NORMS = ("tile", "layer")
 
@@ -73,8 +72,15 @@ class LayersConfig:
     batch_size: int = 16
     probe_data: Path | None = None
     probe_folds: int = 5
+    max_images: int = MAX_IMAGES
+    views: int = VIEWS.views
+    view_seed: int = 0
 
     def check(self) -> None:
+        if self.max_images < 1:
+            raise ConfigError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.views in (1, 2) or self.views < 0:
+            raise ConfigError(f"--views must be 0 (no abstraction column) or at least 3, got {self.views}")
         if self.rank not in _RANKS:
             raise ConfigError(f"--rank {self.rank!r} is not one of {', '.join(_RANKS)}")
         if self.probe_data is not None and self.probe_folds < 2:
@@ -183,66 +189,44 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.:-]+", "_", name).replace(":", "-") or "output"
 
 
-# The terminal table: (header, LayerStats field, format, drop). On a narrow terminal columns
-# with a higher `drop` are left out first (fgscope.render.table); a column without a value in
-# any row (or whose field LayerStats lacks) is not shown; the files have every column.
-_STAGE_COLOUR = {"early": "cyan", "middle": "green", "late": "magenta"}
-_TERMINAL_COLUMNS: list[tuple[str, str, str, int]] = [
-    ("#", "index", "d", 0), ("name", "name", "", 0), ("type", "type", "", 9),
-    ("shape", "shape", "", 0), ("stride", "stride", "", 0), ("rf", "rf", "", 0),
-    ("stage", "stage", "", 0), ("sparse", "sparsity", ".3f", 4), ("neg", "negative_frac", ".3f", 5),
-    ("conc", "concentration", ".3f", 3), ("effdim", "eff_dim", ".1f", 3),
-    ("PR", "pr_spatial", ".1f", 3), ("PR img", "pr_images", ".1f", 5), ("mean", "mean", ".3g", 8),
-    ("max", "max", ".3g", 7), ("CKA in", "cka_input", ".3f", 6), ("CKA out", "cka_output", ".3f", 6),
-    ("dCKA in", "dcka_input", ".3f", 6), ("dCKA out", "dcka_output", ".3f", 6),
-    ("abstr.", "abstraction", ".3f", 2), ("transfer", "transfer", ".3f", 1),
-]
-_TEXT_FIELDS = ("name", "type", "shape", "stage")
-
-
-def _terminal_cell(r: LayerStats, field_: str, spec: str) -> Any:
-    v = getattr(r, field_, None)
-    if field_ == "stage":
-        return Text(str(v), style=_STAGE_COLOUR.get(str(v), ""))
-    if field_ == "rf":
-        return ("~" if v is not None and not r.rf_exact else "") + (_fmt_cell(v) or "–")
-    if v is None or not spec:
-        return _fmt_cell(v) or ("–" if field_ == "stride" else "")
-    return format(v, spec)
-
-
-def _print_table(console: Console, result: InspectResult) -> None:
-    from fgscope.render.table import Col, print_table
-
-    shown = [c for c in _TERMINAL_COLUMNS
-             if c[1] in _TEXT_FIELDS or any(getattr(r, c[1], None) is not None for r in result.rows)]
-    cols = [Col(h, "left" if f in _TEXT_FIELDS else "right", drop, wrap=f == "name")
-            for h, f, _, drop in shown]
-    rows = [[_terminal_cell(r, f, spec) for _, f, spec, _ in shown] for r in result.rows]
-    print_table(console, "abstraction table", cols, rows,
-                left_out_note="layers.csv, .json and .md have every column")
-
-
-def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Path, InspectResult]:
+def run_layers(
+    config: LayersConfig, console: Console | None = None, progress: ProgressFn | None = None
+) -> tuple[Path, InspectResult]:
     """Run the whole `layers` job; returns the output folder and the measurements.
+
+    Every phase longer than a moment shows progress on a terminal console (`fgscope.progress`):
+    model load, the forward over the images (images/s, time left), statistics, figures, grids.
+
+    `progress`, when given, also receives every phase's updates (`fgscope.progress`).
 
     Raises:
         FgscopeError: bad model, images, layers or options (before anything is written).
     """
+    from fgscope.layers.terminal import print_summary
+
+    console = console or Console(quiet=True)
+    config.check()
+    with Phases(console, relay=progress) as phases:
+        run, result, manifest, hierarchy = _run(config, console, phases)
+    print_summary(console, config.grids, result, len(run.manifest["files"]), run.path, manifest, hierarchy)
+    return run.path, result
+
+
+def _run(config: LayersConfig, console: Console, phases: Phases) -> tuple[RunDir, InspectResult, str, bool]:
     from fgscope import metrics
     from fgscope.layers.figures import geometry_figure, hierarchy_figure
     from fgscope.models import load_model
     from fgscope.render import render_grid, save_figure, save_png
 
-    console = console or Console(quiet=True)
-    config.check()
     t0 = started = time.perf_counter()
+    phases.update("load model", 0)
     lm = load_model(config.model, **config.model_kwargs)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = inspect(
         lm, config.images or None, config.layers, device=config.device, dtype=config.dtype,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size, max_images=config.max_images, views=config.views,
+        view_seed=config.view_seed, progress=phases.update,
     )
     t_inspect = time.perf_counter() - t0
     probe_info = None
@@ -251,6 +235,7 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
         from fgscope.probe import transfer_accuracy
 
         t0 = time.perf_counter()
+        phases.update("probe", 0)
         acc, probed = transfer_accuracy(
             lm, config.probe_data, config.layers, folds=config.probe_folds, device=config.device,
             dtype=config.dtype, batch_size=config.batch_size, console=console,
@@ -284,6 +269,8 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
             {"image": str(li.path), "top5": [{"label": lab, "prob": p} for lab, p in preds]}
             for li, preds in zip(result.images, result.predictions or [])
         ] or None,
+        notes=list(result.notes),
+        batches=result.batches,
     )
     if probe_info is not None:
         run.manifest["probe"] = probe_info
@@ -294,54 +281,57 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
     rows = result.rows
     columns.insert(columns.index("transfer") if "transfer" in columns else len(columns), "grid")
     grid = {r.name: {"grid": _grid_cell(r, config.grids)} for r in rows}
-    write_text(run.file("layers.csv"), table_csv(rows, columns, grid))
-    write_json(run.file("layers.json"), {
-        "model": run.manifest["model"]["spec"],
-        "input_size": list(lm.input_size),
-        "images": [str(li.path) for li in result.images],
-        "columns": columns,
-        "layers": [{**t, **grid[t["name"]]} for t in result.table()],
-        **({"probe": probe_info} if probe_info is not None else {}),
-    })
-    write_text(run.file("layers.md"), table_markdown(rows, columns, grid))
+    with phases.step("files", total=3) as advance:
+        write_text(run.file("layers.csv"), table_csv(rows, columns, grid))
+        advance()
+        write_json(run.file("layers.json"), {
+            "model": run.manifest["model"]["spec"],
+            "input_size": list(lm.input_size),
+            "images": [str(li.path) for li in result.images],
+            "columns": columns,
+            "layers": [{**t, **grid[t["name"]]} for t in result.table()],
+            **({"probe": probe_info} if probe_info is not None else {}),
+        })
+        advance()
+        write_text(run.file("layers.md"), table_markdown(rows, columns, grid))
+        advance()
     for name in ("layers.csv", "layers.json", "layers.md"):
         run.wrote(run.path / name)
 
-    # Figures.
+    # Figures: the first --max-images images (the only ones whose activations were kept).
+    stems = _image_stems(result)
+    n_fig = len(result.display)
     cols = hierarchy_columns(rows)
-    n_fig = min(len(result.display), HIERARCHY_IMAGES)  # one row per image: a few are enough
-    energy_cols = [
-        (f"{r.name}\n{geometry_text(r.stride, r.rf)}\n{r.stage}",
-         metrics.spatial_energy(result.activations[r.name][:n_fig]).numpy())
-        for r in cols
-    ]
-    if energy_cols:
-        fig = hierarchy_figure(result.display[:n_fig], energy_cols)
-        for p in save_figure(fig, run.file("hierarchy.png")):
+    with phases.step("figures", total=2) as advance:
+        energy_cols = [
+            (f"{r.name}\n{geometry_text(r.stride, r.rf)}\n{r.stage}",
+             metrics.spatial_energy(result.activations[r.name][:n_fig]).numpy())
+            for r in cols
+        ]
+        if energy_cols:
+            fig = hierarchy_figure(result.display, energy_cols,
+                                   row_labels=[Path(str(li.path)).name for li in result.images[:n_fig]])
+            for p in save_figure(fig, run.file("hierarchy.png")):
+                run.wrote(p)
+        advance()
+        geo_rows = [
+            {"index": r.index, "name": r.name, "spatial": r.spatial[0] if r.spatial else None,
+             "channels": r.channels, "rf": r.rf, "stage": r.stage}
+            for r in rows
+        ]
+        for p in save_figure(geometry_figure(geo_rows, lm.input_size), run.file("geometry.png")):
             run.wrote(p)
-    geo_rows = [
-        {"index": r.index, "name": r.name, "spatial": r.spatial[0] if r.spatial else None,
-         "channels": r.channels, "rf": r.rf, "stage": r.stage}
-        for r in rows
-    ]
-    for p in save_figure(geometry_figure(geo_rows, lm.input_size), run.file("geometry.png")):
-        run.wrote(p)
+        advance()
     run.time("tables_and_figures", time.perf_counter() - t0)
 
-    # Grids, one per map-shaped layer and image.
+    # Grids, one per map-shaped layer and kept image.
     if config.grids:
         t0 = time.perf_counter()
         map_rows = [r for r in rows if has_map(r)]
-        stems = _image_stems(result)
-        total = len(map_rows) * len(result.images)
-        with Progress(
-            TextColumn("grids"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=console, transient=True, disable=not console.is_terminal,
-        ) as bar:
-            task = bar.add_task("grids", total=total)
+        with phases.step("grids", total=len(map_rows) * n_fig) as advance:
             for r in map_rows:
                 acts = result.activations[r.name]
-                for i, stem in enumerate(stems):
+                for i, stem in enumerate(stems[:n_fig]):
                     maps = acts[i]
                     order = metrics.channel_ranking(maps, by=config.rank)[: config.top_k].tolist()
                     title = " · ".join(x for x in (
@@ -355,31 +345,10 @@ def run_layers(config: LayersConfig, console: Console | None = None) -> tuple[Pa
                     path = run.file(f"grids/{stem}/{r.index:03d}_{_safe(r.name)}.png")
                     save_png(img, path)
                     run.wrote(path)
-                    bar.advance(task)
+                    advance()
         run.time("grids", time.perf_counter() - t0)
     manifest = run.finish()
-
-    _print_table(console, result)
-    flat = [r.name for r in result.rows if r.spatial is not None and not has_map(r)]
-    if config.grids and flat:
-        console.print(f"no grid for {len(flat)} 1x1 map{'s' if len(flat) > 1 else ''} "
-                      f"({', '.join(flat)}): one value per channel, nothing spatial to show",
-                      markup=False, soft_wrap=True)
-    if energy_cols and len(result.display) > n_fig:
-        console.print(f"hierarchy.png shows the first {n_fig} of {len(result.display)} images "
-                      "(grids/ has every image)", markup=False)
-    if result.predictions:
-        for li, preds in zip(result.images, result.predictions):
-            top = ", ".join(f"{lab} {p:.1%}" for lab, p in preds)
-            console.print(f"[bold]{escape(li.path.name)}[/]: {escape(top)}", soft_wrap=True)
-    for note in empty_notes(result.rows):
-        console.print(f"[dim]empty: {escape(note)}[/]")
-    console.print(
-        f"wrote {len(run.manifest['files'])} files to [bold]{escape(str(run.path))}[/] "
-        f"({manifest.name}, layers.csv/.json/.md, hierarchy.png, geometry.png"
-        f"{', grids/' if config.grids else ''})", soft_wrap=True,
-    )
-    return run.path, result
+    return run, result, manifest.name, bool(energy_cols)
 
 
 def _image_stems(result: InspectResult) -> list[str]:

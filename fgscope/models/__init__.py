@@ -17,7 +17,9 @@ from torch import nn
 
 from fgscope.errors import ConfigError, ModelLoadError
 from fgscope.models.files import _from_file, _looks_like_path
-from fgscope.models.hub import _builder_names, _from_torchvision
+from fgscope.models.hfzoo import _from_hf
+from fgscope.models.hub import _all_builder_names, _from_torchvision
+from fgscope.models.timmzoo import _from_timm, _is_timm_module, timm_preprocess
 from fgscope.models.types import (
     DEFAULT_MODEL,
     IMAGENET_MEAN,
@@ -31,6 +33,7 @@ from fgscope.models.types import (
     _make_preprocess,
     _Resolved,
 )
+from fgscope.notes import announce
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -46,8 +49,9 @@ __all__ = [
 
 
 def list_architectures() -> list[str]:
-    """Names of torchvision's classification builders (the valid values of `arch`)."""
-    return _builder_names()
+    """Names of torchvision's builders, classification, segmentation and detection (valid
+    values of `arch`, besides `timm:NAME`)."""
+    return _all_builder_names()
 
 
 def load_model(
@@ -66,14 +70,19 @@ def load_model(
 
     Args:
         spec: an `nn.Module`; a file (state_dict or checkpoint, pickled module, TorchScript,
-            torch.export `.pt2`, `.safetensors`); or `[torchvision:]NAME[:WEIGHTS]`. A bare
+            torch.export `.pt2`, `.safetensors`); `[torchvision:]NAME[:WEIGHTS]` (classification,
+            segmentation and detection builders); `timm:NAME[.TAG]` (needs timm); or
+            `hf:FOLDER`, a transformers `save_pretrained` folder (needs transformers). A bare
             builder name means the builder even when a file or folder of that name exists
             (a note says so); write `./NAME` for the file.
         weights: for torchvision names: 'default', a weights name ('IMAGENET1K_V2' or
             'ResNet50_Weights.IMAGENET1K_V2'), or 'none'/None for random init. `:WEIGHTS` in
-            `spec` wins. Anything but 'default' with a file or a module is a ConfigError.
-        arch: the torchvision builder that a state_dict file belongs to (a ConfigError with
-            any other kind of model).
+            `spec` wins. For `timm:` 'default' (the tag's weights, read offline from the
+            Hugging Face hub cache or FGSCOPE_WEIGHTS_PATH), a tag, or 'none'; for `hf:`
+            'default' (the folder's weights) or 'none'. Anything but 'default' with a file or a
+            module is a ConfigError.
+        arch: the torchvision builder (or `timm:NAME`) that a state_dict file belongs to (a
+            ConfigError with any other kind of model).
         trust: allow unpickling files that hold Python objects (this runs code from the file).
         size: input size, an int (square) or (H, W). With known weights the resize/crop ratio of
             their transforms is kept; otherwise images are resized straight to it. Default 224.
@@ -98,30 +107,39 @@ def load_model(
         got = _from_module(spec)
     elif not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"model spec must be a name, a file path or an nn.Module, got {spec!r}")
+    elif (zoo := spec.strip().partition(":")[0].lower()) in ("timm", "hf"):
+        _no_arch(spec, "a timm name" if zoo == "timm" else "an hf: folder", arch, num_classes)
+        got = _from_timm(spec, weights, size) if zoo == "timm" else _from_hf(spec, weights)
     elif (builder := _bare_builder(spec)) is None and (
         os.path.exists(os.path.expanduser(spec)) or _looks_like_path(spec)
     ):
         _no_option(f"the model file {spec}", weights, None)
         got = _from_file(spec, arch, trust, num_classes)
     else:
-        if arch is not None:
-            raise ConfigError(
-                f"--arch does not apply to {spec!r}: a torchvision name is its own architecture",
-                "drop --arch (it names the architecture of a state_dict file)",
-            )
-        if num_classes is not None:
-            raise ConfigError(
-                f"--num-classes does not apply to {spec!r}: a torchvision name builds the "
-                "classifier of its weights (1000 ImageNet classes with --weights none)",
-                "drop --num-classes (it sizes the classifier of a state_dict file)",
-            )
+        _no_arch(spec, "a torchvision name", arch, num_classes)
         got = _from_named(spec, weights, builder)
     fixed = got.source.path if got.source.kind == "export" else None  # static input shape
     preprocess = _make_preprocess(got.preprocess, size, mean, std, fixed)
     found = got.labels if labels is None else _check_labels(labels, got.num_classes)
+    announce(got.source.notes)  # printed once per command by the CLI (fgscope.notes)
     return LoadedModel(
         got.module, preprocess, preprocess.crop_size, found, got.source, got.max_batch
     )
+
+
+def _no_arch(spec: str, what: str, arch: str | None, num_classes: int | None) -> None:
+    """A model name is its own architecture: --arch and --num-classes must not be ignored."""
+    if arch is not None:
+        raise ConfigError(
+            f"--arch does not apply to {spec!r}: {what} is its own architecture",
+            "drop --arch (it names the architecture of a state_dict file)",
+        )
+    if num_classes is not None:
+        raise ConfigError(
+            f"--num-classes does not apply to {spec!r}: {what} builds the classifier of "
+            "its weights" + (" (1000 ImageNet classes with --weights none)" if "torch" in what else ""),
+            "drop --num-classes (it sizes the classifier of a state_dict file)",
+        )
 
 
 def _no_option(what: str, weights: str | None, arch: str | None) -> None:
@@ -145,7 +163,7 @@ def _bare_builder(spec: str) -> str | None:
     if any(sep and sep in text for sep in ("/", os.sep, os.altsep)) or text.startswith("~"):
         return None
     name = text.partition(":")[0].strip().lower()
-    return name if name in _builder_names() else None
+    return name if name in _all_builder_names() else None
 
 
 def _from_named(spec: str, weights: str | None, builder: str | None) -> _Resolved:
@@ -168,5 +186,9 @@ def _from_module(module: nn.Module) -> _Resolved:
     name = f"<module {type(module).__module__}.{type(module).__qualname__}>"
     moved = all(t.device.type == "cpu" for t in (*module.parameters(), *module.buffers()))
     notes = () if moved else ("the module was left on its device; fgscope did not move it",)
+    pre = None
+    if _is_timm_module(module):  # timm's own preprocessing (timm is imported already)
+        pre, more = timm_preprocess(module)
+        notes = (*notes, *more)
     source = ModelSource(name, "module", None, None, None, None, notes)
-    return _Resolved(module.eval(), None, None, None, source)
+    return _Resolved(module.eval(), pre, None, None, source)

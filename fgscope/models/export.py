@@ -12,9 +12,12 @@ failure becomes one `ModelLoadError` line that says why.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import json
 import logging
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from torch import nn
 
 from fgscope.errors import FgscopeError, ModelLoadError, UnsafeModelError
 from fgscope.models.pt2grammar import _is_guard, _is_sym_expr
+from fgscope.models.pt2graph import restore
 from fgscope.models.pt2scan import TRUST_HINT, _scan_pt2
 from fgscope.models.types import (
     IMAGENET_MEAN,
@@ -63,7 +67,13 @@ def _from_export(spec: str, path: Path, digest: str, trust: bool) -> _Resolved:
     keep = _Keep()
     with _quiet_torch(caught, keep), contextlib.nullcontext() if trust else _no_code(path):
         try:
-            program = torch.export.load(str(path))
+            try:
+                program = torch.export.load(str(path))
+            except Exception as exc:
+                if not _register_output_type([exc, *keep.errors], caught):
+                    raise
+                keep.errors.clear()
+                program = torch.export.load(str(path))
         except Exception as exc:
             # torch.export.load logs the real cause, then fails again in its legacy fallback.
             for err in (exc, *keep.errors):
@@ -75,6 +85,7 @@ def _from_export(spec: str, path: Path, digest: str, trust: bool) -> _Resolved:
         try:
             module: nn.Module = torch.export.unflatten(program)
             module.eval()
+            restore(module, program)  # BatchNorm records before ReLU_, Linear MACs, types
         except Exception as exc:  # the flat graph still runs, but it calls no submodules
             if (ours := _ours(exc)) is not None:
                 raise ours from None
@@ -93,6 +104,36 @@ def _from_export(spec: str, path: Path, digest: str, trust: bool) -> _Resolved:
     notes += shape_notes + list(dict.fromkeys(caught))[:3]
     source = ModelSource(spec, "export", None, None, str(path), digest, tuple(notes))
     return _Resolved(module, base, None, None, source, max_batch)
+
+
+# Installed libraries whose output types (Hugging Face `ModelOutput`s) register themselves
+# with torch's pytree when their module is imported; a program returning one names its type.
+_OUTPUT_LIBRARIES = ("transformers",)
+_UNREGISTERED = re.compile(r"Deserializing ([A-Za-z_][\w.]*) in pytree is not registered")
+
+
+def _register_output_type(errors: list[BaseException], caught: list[str]) -> bool:
+    """Import the installed library module that defines a program's output type, when torch
+    could not rebuild it (a Hugging Face model returns `ImageClassifierOutput...`); True when
+    one was imported. Only modules of `_OUTPUT_LIBRARIES` that are installed are imported:
+    nothing from the file runs, the file only names an installed module."""
+    for err in errors:
+        found = _UNREGISTERED.search(str(err))
+        if found is None:
+            continue
+        module = found.group(1).rpartition(".")[0]
+        if module.split(".")[0] not in _OUTPUT_LIBRARIES:
+            return False
+        try:
+            if importlib.util.find_spec(module.split(".")[0]) is None:
+                return False
+            importlib.import_module(module)
+        except Exception:  # not installed or broken: the original error stands
+            return False
+        caught.append(f"torch.export: the program returns {found.group(1)}; {module} was "
+                      "imported so that torch could rebuild it")
+        return True
+    return False
 
 
 def _check_inputs(path: Path, program: Any) -> tuple[Preprocess | None, int | None, list[str]]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from fgscope.errors import ConfigError, ModelLoadError, UnsafeModelError
 from fgscope.models.export import _from_export
+from fgscope.models.hfzoo import _is_hf_folder
 from fgscope.models.hub import (
     _build,
     _check_arch,
@@ -27,6 +28,7 @@ from fgscope.models.hub import (
     native_preprocess,
 )
 from fgscope.models.pt2scan import _pickled_global
+from fgscope.models.timmzoo import _for_state_dict, _is_timm_module, timm_preprocess
 from fgscope.models.types import (
     _LIST_HINT,
     ModelSource,
@@ -68,7 +70,8 @@ def _from_file(spec: str, arch: str | None, trust: bool, num_classes: int | None
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}", "check the path")
     if not path.is_file():
-        raise ModelLoadError(f"{path} is a directory, not a model file")
+        hint = f"it is a transformers save_pretrained folder: pass hf:{spec}" if _is_hf_folder(path) else None
+        raise ModelLoadError(f"{path} is a directory, not a model file", hint)
     kind, digest = _sniff(path), _sha256(path)
     if arch is not None and kind in ("export", "torchscript"):
         what = "torch.export program" if kind == "export" else "TorchScript archive"
@@ -134,9 +137,25 @@ def _from_file(spec: str, arch: str | None, trust: bool, num_classes: int | None
                 "architecture",
                 "drop --arch",
             )
-        source = ModelSource(spec, "pickled_module", None, None, str(path), digest)
-        return _Resolved(module.eval(), None, None, None, source)
+        _usable(module, path)
+        pre, notes = timm_preprocess(module) if _is_timm_module(module) else (None, [])
+        source = ModelSource(spec, "pickled_module", None, None, str(path), digest, tuple(notes))
+        return _Resolved(module.eval(), pre, None, None, source)
     return _from_state_dict(spec, path, digest, obj, arch, num_classes)
+
+
+def _usable(module: nn.Module, path: Path) -> None:
+    """One line, not a traceback later, for a module that cannot be walked after unpickling
+    (torch's quantized modules lose their submodules in pickling)."""
+    try:
+        module.eval()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path} holds a pickled {type(module).__module__}.{type(module).__qualname__} that "
+            f"is unusable after unpickling ({exc.__class__.__name__}: {exc}; quantized modules "
+            "do not survive pickling)",
+            "save the float model's state_dict (and pass --arch), or a TorchScript / .pt2 file",
+        ) from None
 
 
 def _load_trusted(path: Path) -> Any:
@@ -170,6 +189,8 @@ def _from_state_dict(
             f"(one of torchvision's builders, e.g. {guess or 'resnet50'})",
             f"it looks like {guess}" if guess else _LIST_HINT,
         )
+    if arch.strip().lower().startswith("timm:"):
+        return _timm_state_dict(spec, path, digest, obj, state, arch, num_classes, notes)
     name = arch.strip().lower()
     _check_arch(name, arch)
     state = _remap_legacy(name, state)
@@ -193,10 +214,31 @@ def _from_state_dict(
             f"{path} does not load into --arch {name} ({_first_line(exc)})"
         ) from exc
     n_cls = n_cls or 1000
-    found = [tuple(v) for k in _LABEL_KEYS if _is_str_list(v := obj.get(k))] if where else []
-    labels = found[0] if found and len(found[0]) == n_cls else None
+    labels = _checkpoint_labels(obj, where, n_cls)
     source = ModelSource(spec, "state_dict", name, None, str(path), digest, tuple(notes))
     return _Resolved(model.eval(), native_preprocess(name, model), n_cls, labels, source)
+
+
+def _checkpoint_labels(obj: Any, where: str | None, n_cls: int | None) -> tuple[str, ...] | None:
+    found = [tuple(v) for k in _LABEL_KEYS if _is_str_list(v := obj.get(k))] if where else []
+    return found[0] if found and len(found[0]) == n_cls else None
+
+
+def _timm_state_dict(spec: str, path: Path, digest: str, obj: Any, state: Mapping[str, torch.Tensor],
+                     arch: str, num_classes: int | None, notes: list[str]) -> _Resolved:
+    """A state_dict or checkpoint of a timm model (`--arch timm:NAME`), loaded strictly."""
+    model, pre, more = _for_state_dict(arch, state, num_classes)
+    name, ref = arch.strip(), {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state, stripped = _strip_common_prefix(state, ref)
+    notes += [f"stripped the prefix {stripped!r} from every key"] if stripped else []
+    _check_fit(path, name, state, model, num_classes is not None)
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{path} does not load into --arch {name} ({_first_line(exc)})") from exc
+    n_cls = getattr(model, "num_classes", None) or None
+    source = ModelSource(spec, "state_dict", name, None, str(path), digest, tuple(notes + more))
+    return _Resolved(model.eval(), pre, n_cls, _checkpoint_labels(obj, "state", n_cls), source)
 
 
 def _extract_state_dict(obj: Any) -> tuple[Mapping[str, torch.Tensor] | None, str | None]:

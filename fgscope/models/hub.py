@@ -50,6 +50,18 @@ def _builder_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+@lru_cache(maxsize=1)
+def _task_builders() -> dict[str, str]:
+    """torchvision's segmentation and detection builders, name -> 'segmentation'/'detection'."""
+    tasks = {"segmentation": torchvision.models.segmentation, "detection": torchvision.models.detection}
+    return {n: t for t, mod in tasks.items() for n in torchvision.models.list_models(module=mod)}
+
+
+def _all_builder_names() -> list[str]:
+    """Every builder a name may give: classification, segmentation and detection."""
+    return sorted([*_builder_names(), *_task_builders()])
+
+
 def _from_torchvision(spec: str, weights: str | None) -> _Resolved:
     text = spec.strip()
     text = text[len("torchvision:") :] if text.lower().startswith("torchvision:") else text
@@ -58,8 +70,11 @@ def _from_torchvision(spec: str, weights: str | None) -> _Resolved:
     weights = spec_weights.strip() or weights
     _check_arch(name, spec)
     enum, notes = _resolve_weights(name, weights)
+    task = _task_builders().get(name)
+    if task is not None:
+        notes.append(_TASK_NOTES[task])
     if enum is None:
-        source = ModelSource(spec, "torchvision", name, None, None, None)
+        source = ModelSource(spec, "torchvision", name, None, None, None, tuple(notes))
         model = _build(name).eval()
         return _Resolved(model, native_preprocess(name, model), 1000, None, source)
     filename = os.path.basename(urlparse(enum.url).path)
@@ -72,8 +87,11 @@ def _from_torchvision(spec: str, weights: str | None) -> _Resolved:
     digest = _check_hash(path, filename)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = _build(name, weights=enum)
-        model.load_state_dict(_remap_legacy(name, state), strict=True)
+        if task is not None:
+            model = _build_task(name, enum, state)
+        else:
+            model = _build(name, weights=enum)
+            model.load_state_dict(_remap_legacy(name, state), strict=True)
     except Exception as exc:  # whatever failed, the file is not what its name promises
         raise ModelLoadError(
             f"weights file {path} does not load into {name} ({_first_line(exc)})",
@@ -91,9 +109,51 @@ def _from_torchvision(spec: str, weights: str | None) -> _Resolved:
         digest,
         tuple(notes),
     )
-    return _Resolved(
-        model.eval(), _weights_preprocess(enum), len(cats) if cats else None, cats, source
-    )
+    pre = _weights_preprocess(enum) if task is None else _task_preprocess(model, enum)
+    return _Resolved(model.eval(), pre, len(cats) if cats else None, cats, source)
+
+
+_TASK_NOTES = {
+    "segmentation": "segmentation model: images are center-cropped to a square so that they "
+    "batch (torchvision's SemanticSegmentation preset only resizes the shorter side)",
+    "detection": "detection model: it normalizes and resizes each image itself "
+    "(model.transform); fgscope feeds it [0, 1] pixels, center-cropped to a square (by default "
+    "the min_size it resizes to), and it returns a list of dicts (boxes, labels, ...) per image",
+}
+
+
+def _build_task(name: str, enum: Any, state: Mapping[str, Any]) -> nn.Module:
+    """A segmentation or detection model built by its own builder with `weights=enum`, so that
+    every constructor choice the weights imply is torchvision's (FrozenBatchNorm2d backbones,
+    auxiliary heads, class and keypoint counts), but with `state` (a file already found and
+    hash-checked) in place of torchvision's download."""
+    weights_cls = type(enum)
+    own = weights_cls.__dict__.get("get_state_dict")  # usually inherited from WeightsEnum
+    weights_cls.get_state_dict = lambda self, *a, **k: state  # type: ignore[method-assign]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torchvision.models.get_model_builder(name)(weights=enum)
+    finally:
+        if own is None:
+            del weights_cls.get_state_dict
+        else:
+            weights_cls.get_state_dict = own  # type: ignore[method-assign]
+
+
+def _task_preprocess(model: nn.Module, enum: Any) -> Preprocess:
+    """Segmentation: the SemanticSegmentation preset's resize, a square center crop of that
+    size (so that images batch), its mean/std. Detection: [0, 1] pixels (the ObjectDetection
+    preset only converts the dtype; the model normalizes itself), cropped to the square of the
+    model's own min_size (the size it resizes to)."""
+    transform = getattr(model, "transform", None)
+    if transform is not None and getattr(transform, "min_size", None):
+        side = int(transform.min_size[-1])
+        return Preprocess((side, side), side, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    t = enum.transforms()
+    side = int(t.resize_size[0])
+    interp = InterpolationMode(t.interpolation).value
+    return Preprocess((side, side), side, tuple(t.mean), tuple(t.std), interp)
 
 
 def _weights_preprocess(enum: Any) -> Preprocess:
@@ -111,6 +171,8 @@ def native_preprocess(name: str, model: nn.Module) -> Preprocess | None:
     weights declare (metadata only: no file is read), with a plain resize and ImageNet
     statistics; a model built for one image size (a ViT's `image_size`) keeps its own.
     inception_v3: 299, efficientnet_b7: 600, resnet50: 224. None when nothing is known."""
+    if name in _task_builders():  # metadata of the DEFAULT weights only: no file is read
+        return _task_preprocess(model, torchvision.models.get_model_weights(name).DEFAULT)
     size = getattr(model, "image_size", None)
     if not isinstance(size, int):
         try:
@@ -122,14 +184,29 @@ def native_preprocess(name: str, model: nn.Module) -> Preprocess | None:
 
 
 def _check_arch(name: str, spec: str) -> None:
-    if name in _builder_names():
+    if name in _all_builder_names():
         return
-    close = difflib.get_close_matches(name, _builder_names(), n=3)
+    close = difflib.get_close_matches(name, _all_builder_names(), n=3) + _timm_matches(name)
     did = f"did you mean {', '.join(close)}? " if close else ""
     raise ModelLoadError(
-        f"unknown model {spec!r}: not a file and not a torchvision classification builder",
-        f"{did}{_LIST_HINT}",
+        f"unknown model {spec!r}: not a file and not a torchvision builder",
+        f"{did}{_LIST_HINT}; timm:NAME for a timm model, hf:FOLDER for a transformers "
+        "save_pretrained folder",
     )
+
+
+def _timm_matches(name: str) -> list[str]:
+    """`timm:NAME` forms close to `name` when timm is installed (it is not imported otherwise)."""
+    try:
+        if importlib.util.find_spec("timm") is None:
+            return []
+        import timm
+
+        names = timm.list_models()
+    except Exception:  # a broken or blocked timm must not hide the real error
+        return []
+    exact = [name] if name in names else []
+    return ["timm:" + n for n in exact or difflib.get_close_matches(name, names, n=2)]
 
 
 def _resolve_weights(name: str, weights: str | None) -> tuple[Any, list[str]]:
@@ -210,6 +287,8 @@ def _build(
             kwargs["image_size"] = weights.meta["min_size"][0]
         elif name == "maxvit_t":
             kwargs["input_size"] = weights.meta["min_size"]
+    if name in _task_builders():
+        kwargs.setdefault("weights_backbone", None)  # random init must not fetch a backbone
     with warnings.catch_warnings(), torch.device(device) if device else contextlib.nullcontext():
         warnings.simplefilter("ignore", FutureWarning)  # inception/googlenet init_weights notice
         return torchvision.models.get_model_builder(name)(weights=None, **kwargs)

@@ -48,6 +48,8 @@ class Preprocess:
         mean: per-channel mean subtracted after scaling pixels to [0, 1].
         std: per-channel std the result is divided by.
         interpolation: 'bilinear', 'bicubic' or 'nearest'.
+        squash: resize both sides to `resize_size` (the aspect ratio is not kept) before the
+            center crop, as timm's `crop_mode='squash'` does; False resizes the shorter side.
     """
 
     crop_size: tuple[int, int]
@@ -55,6 +57,7 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+    squash: bool = False
 
     def __post_init__(self) -> None:
         if self.resize_size is not None and not _is_int(self.resize_size, 8):
@@ -80,7 +83,10 @@ class Preprocess:
         """
         if isinstance(image, Image.Image) and image.mode != "RGB":
             image = image.convert("RGB")
-        size = list(self.crop_size) if self.resize_size is None else [self.resize_size]
+        if self.resize_size is None:
+            size = list(self.crop_size)
+        else:
+            size = [self.resize_size] * (2 if self.squash else 1)
         img = F.resize(
             image, size, interpolation=InterpolationMode(self.interpolation), antialias=True
         )
@@ -116,8 +122,10 @@ class ModelSource:
 
     Attributes:
         spec: what the user typed (`<module pkg.Class>` for a module instance).
-        kind: 'torchvision', 'state_dict', 'pickled_module', 'export', 'torchscript' or 'module'.
-        arch: the torchvision builder name when known.
+        kind: 'torchvision', 'timm', 'hf', 'state_dict', 'pickled_module', 'export',
+            'torchscript' or 'module'.
+        arch: the torchvision builder name when known ('timm:NAME' for a timm state_dict, the
+            timm name for 'timm', the transformers class for 'hf').
         weights: the weights enum, e.g. 'MobileNet_V2_Weights.IMAGENET1K_V1'; None = not torchvision
             weights (random init, or weights from the file itself).
         path: absolute path of the file that was read, if any.
@@ -202,9 +210,11 @@ def _make_preprocess(
             )
         ratio = base.resize_size / max(base.crop_size) if base.resize_size else None  # keep it
         resize = round(max(crop) * ratio) if ratio else None
-        base = Preprocess(crop, resize, base.mean, base.std, base.interpolation)
+        base = Preprocess(crop, resize, base.mean, base.std, base.interpolation, base.squash)
     mean_, std_ = new_mean or base.mean, new_std or base.std
-    return Preprocess(base.crop_size, base.resize_size, mean_, std_, base.interpolation)
+    return Preprocess(
+        base.crop_size, base.resize_size, mean_, std_, base.interpolation, base.squash
+    )
 
 
 def _is_int(value: Any, minimum: int) -> bool:

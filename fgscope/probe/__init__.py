@@ -24,6 +24,9 @@ k-fold cross-validation with a fixed seed. Accuracy is reported as mean and std 
 for the fine labels (the ImageFolder classes) and, with a fine -> coarse map, for the coarse
 labels too. The BLAS pools run single-threaded during the fits: these small problems are
 fastest that way and multi-threaded BLAS slowed them down 10-50x on a busy 2-core machine.
+
+`--from-dump DIR` reads the features from a `fgscope dump` folder instead of running the model
+(`fgscope.probe.dumped`: which dump poolings give which probe poolings, and what differs).
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ _EXPORTS = {
     "hypercolumn_features": "features",
     "extract_features": "features",
     "probe": "fit",
+    "fit_probes": "fit",
+    "probe_dump": "dumped",
+    "dump_features": "dumped",
+    "dump_labels": "dumped",
+    "dump_pools": "dumped",
+    "dump_manifest_inputs": "run",
     "transfer_accuracy": "fit",
     "run_probe": "run",
     "write_probe_files": "run",

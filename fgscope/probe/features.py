@@ -159,6 +159,7 @@ class Features:
         hashes: sha256 of each kept image's file, in the order of `kept`.
         failures: (path, reason) of images that could not be read.
         grid: the hypercolumn grid, None when no map was probed.
+        pools: the poolings asked for, in the order given (the order of the probe's rows).
     """
 
     layers: list[ProbeLayer]
@@ -167,6 +168,7 @@ class Features:
     hashes: list[str]
     failures: list[tuple[str, str]]
     grid: tuple[int, int] | None
+    pools: tuple[str, ...] = ()
 
     def hypercolumn(self, upto: int) -> tuple[np.ndarray, tuple[str, ...]]:
         """Cumulative hypercolumn: maps among layers[0..upto] concatenated -> (n, dim), names."""
@@ -241,7 +243,10 @@ def extract_features(
         n: _projection(s[0], bilinear_channels, seed, n).to(dev)
         for n, s in shapes.items() if "bilinear" in pools and len(s) == 3 and s[0] > bilinear_channels
     }
-    chunks: dict[tuple[str, str], list[np.ndarray]] = {}
+    # One (len(paths), dim) float32 array per (layer, pool), filled batch by batch and cut
+    # to the images that loaded: memory is n x dim, with no second copy at the end.
+    values: dict[tuple[str, str], np.ndarray] = {}
+    row = [0]  # first row of the current batch
 
     def on_record(rec: Any) -> None:
         if rec.name not in shapes:
@@ -258,7 +263,11 @@ def extract_features(
             else:
                 assert grid is not None
                 f = hypercolumn_features([t], grid)
-            chunks.setdefault((rec.name, how), []).append(f.float().cpu().numpy())
+            f = f.float().cpu().numpy()
+            buf = values.get((rec.name, how))
+            if buf is None:
+                buf = values[(rec.name, how)] = np.empty((len(paths), f.shape[1]), np.float32)
+            buf[row[0] : row[0] + len(f)] = f
 
     kept: list[int] = []
     hashes: list[str] = []
@@ -276,6 +285,7 @@ def extract_features(
                 else:
                     failures.append((str(item.path), item.reason))
             if tensors:
+                row[0] = len(kept) - len(tensors)
                 with autocast(dev, dt):
                     forward(module, to_device(torch.stack(tensors), dev))
             done += len(part)
@@ -284,9 +294,9 @@ def extract_features(
     if not kept:
         reasons = "; ".join(r for _, r in failures[:3])
         raise ImageError(f"none of the {len(failures)} image(s) could be read: {reasons}")
-    values = {k: np.concatenate(v) for k, v in chunks.items()}
+    values = {k: v[: len(kept)] for k, v in values.items()}
     infos = [
         ProbeLayer(n, i, places[n].stage, places[n].stride, places[n].rf, shapes[n])
         for i, n in enumerate(names)
     ]
-    return Features(infos, values, kept, hashes, failures, grid)
+    return Features(infos, values, kept, hashes, failures, grid, pools)

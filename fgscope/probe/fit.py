@@ -5,6 +5,7 @@ written here (see `fgscope.probe.run`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import numpy as np
 from fgscope.errors import ConfigError, ImageError
 from fgscope.probe.features import (
     BILINEAR_CHANNELS,
+    POOLS,
     Features,
     ProbeLayer,
     check_pools,
@@ -34,10 +36,12 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from fgscope.models import LoadedModel
+    from fgscope.progress import ProgressFn
 
 __all__ = [
     "cross_validate",
     "probe",
+    "fit_probes",
     "transfer_accuracy",
     # re-exported from fgscope.probe.results and fgscope.probe.labels
     "ProbeRow",
@@ -125,8 +129,12 @@ def probe(
     max_per_class: int | None = None,
     bilinear_channels: int = BILINEAR_CHANNELS,
     console: Console | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[ProbeResult, Features]:
     """Probe every selected layer of `lm` on the ImageFolder data set `data` (no files written).
+
+    Progress goes to `progress(phase, done, total)` (phases `forward`, `probe fits`); without
+    it, to a transient display on `console` when that is a terminal.
 
     Returns:
         The result (rows in the order fine then coarse, by pooling, by depth) and the
@@ -135,19 +143,9 @@ def probe(
     Raises:
         FgscopeError: bad data, coarse map, layers or options, before the probes run.
     """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    from fgscope import metrics
     from fgscope.images import image_folder
+    from fgscope.progress import Phases, report
 
-    console = console or Console(quiet=True)
     pools = check_pools(pools)
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {folds}")
@@ -160,73 +158,116 @@ def probe(
     labels = np.asarray([ds.labels[i] for i in idx])
     _check_counts(labels, ds.classes, folds, "fine")
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("features", total=len(paths))
+    with contextlib.ExitStack() as stack:
+        if progress is None:  # no callback from the caller: draw on `console` (terminal only)
+            progress = stack.enter_context(Phases(console)).update
         feats = extract_features(
             lm, paths, layers, pools, device=device, dtype=dtype, batch_size=batch_size, seed=seed,
-            bilinear_channels=bilinear_channels, on_batch=lambda done: bar.update(task, completed=done),
+            bilinear_channels=bilinear_channels,
+            on_batch=lambda done: report(progress, "forward", done, len(paths)),
         )
-    feats.failures[:0] = [(str(f.path), f.reason) for f in ds.failures]  # folders skipped
-    y_fine = labels[feats.kept]
-    _check_counts(y_fine, ds.classes, folds, "fine")
+        feats.failures[:0] = [(str(f.path), f.reason) for f in ds.failures]  # folders skipped
+        result = fit_probes(
+            feats, labels[feats.kept], ds.classes, cmap, folds=folds, seed=seed, c=c,
+            input_size=tuple(lm.input_size), model=lm.source.spec, data=str(data),
+            bilinear_channels=bilinear_channels, progress=progress,
+        )
+    return result, feats
+
+
+def fit_probes(
+    feats: Features,
+    y_fine: np.ndarray,
+    classes: Sequence[str],
+    cmap: dict[str, str] | None,
+    *,
+    folds: int,
+    seed: int,
+    c: float,
+    input_size: tuple[int, ...],
+    model: str,
+    data: str,
+    bilinear_channels: int = BILINEAR_CHANNELS,
+    notes: Sequence[str] = (),
+    progress: ProgressFn | None = None,
+) -> ProbeResult:
+    """The probes of every layer x pooling x granularity on pooled features (no model runs).
+
+    Args:
+        feats: the pooled features (from `extract_features` or a dump).
+        y_fine: (n,) fine label of each row of `feats`.
+        classes: fine class names (index = label).
+        cmap: {fine class: coarse class}, or None for fine labels only.
+        input_size: the model's input (H, W): the hypercolumn row's stride is H / grid.
+        model, data: what the result names as its model and data.
+        notes: remarks put before the probe's own.
+        progress: `progress("probe fits", done, total)` after each fit.
+
+    Raises:
+        ConfigError: a class with fewer rows than folds, or non-finite features.
+    """
+    from fgscope import metrics
+    from fgscope.progress import report
+
+    _check_counts(y_fine, classes, folds, "fine")
     targets: dict[str, np.ndarray] = {"fine": y_fine}
     coarse_classes: tuple[str, ...] | None = None
     if cmap is not None:
         coarse_classes = tuple(sorted(set(cmap.values())))
         cindex = {name: i for i, name in enumerate(coarse_classes)}
-        targets["coarse"] = np.asarray([cindex[cmap[ds.classes[k]]] for k in y_fine])
+        targets["coarse"] = np.asarray([cindex[cmap[classes[k]]] for k in y_fine])
+    pools = list(dict.fromkeys(how for _, how in feats.values))
+    pools.sort(key=lambda p: POOLS.index(p))
 
     # What to fit: (layer info, pool, features, fused names, stride, rf).
     jobs: list[tuple[ProbeLayer, str, np.ndarray, tuple[str, ...], float | None, float | None]] = []
-    for how in pools:
+    for how in feats.pools or pools:
         for i, layer in enumerate(feats.layers):
             if how == "hypercolumn":
                 if (layer.name, how) not in feats.values:
                     continue
                 x, fused = feats.hypercolumn(i)
                 assert feats.grid is not None
-                stride = round(lm.input_size[0] / feats.grid[0], 3)
+                stride = round(input_size[0] / feats.grid[0], 3)
                 jobs.append((layer, how, x, fused, stride, layer.rf))
             elif (layer.name, how) in feats.values:
                 jobs.append((layer, how, feats.values[(layer.name, how)], (), layer.stride, layer.rf))
     rows: list[ProbeRow] = []
     unconverged = 0
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("probes", total=len(jobs) * len(targets))
-        for gran, y in targets.items():
-            chance = chance_level(y)
-            for layer, how, x, fused, stride, rf in jobs:
-                mean, std, per_fold, bad = cross_validate(x, y, folds=folds, seed=seed, c=c)
-                unconverged += bad
-                rows.append(ProbeRow(
-                    layer.name, layer.index, layer.stage, stride, rf, how, gran, mean, std, chance,
-                    int(x.shape[1]), per_fold, fused,
-                ))
-                bar.advance(task)
+    total = len(jobs) * len(targets)
+    report(progress, "probe fits", 0, total)
+    for gran, y in targets.items():
+        chance = chance_level(y)
+        for layer, how, x, fused, stride, rf in jobs:
+            mean, std, per_fold, bad = cross_validate(x, y, folds=folds, seed=seed, c=c)
+            unconverged += bad
+            rows.append(ProbeRow(
+                layer.name, layer.index, layer.stage, stride, rf, how, gran, mean, std, chance,
+                int(x.shape[1]), per_fold, fused,
+            ))
+            report(progress, "probe fits", len(rows), total)
 
     cka: list[dict[str, Any]] = []
     avg = [layer for layer in feats.layers if (layer.name, "avg") in feats.values]
-    if len(feats.kept) >= 4:
+    if len(y_fine) >= 4:
         for a, b in zip(avg, avg[1:]):
             value = metrics.linear_cka(feats.values[(a.name, "avg")], feats.values[(b.name, "avg")], debiased=True)
             cka.append({"a": a.name, "b": b.name, "cka": None if math.isnan(value) else round(value, 4),
                         "features": "avg", "debiased": True})
-    notes = []
+    out_notes = list(notes)
     if unconverged:
-        notes.append(
+        out_notes.append(
             f"{unconverged} of {len(rows) * folds} logistic-regression fits stopped at "
             f"{_MAX_ITER} iterations before converging (accuracies are still valid estimates)"
         )
     if feats.failures:
-        notes.append(f"{len(feats.failures)} image(s) could not be read and were skipped")
-    result = ProbeResult(
-        model=lm.source.spec, data=str(data), n_images=len(feats.kept), classes=tuple(ds.classes),
+        out_notes.append(f"{len(feats.failures)} image(s) could not be read and were skipped")
+    return ProbeResult(
+        model=model, data=data, n_images=len(y_fine), classes=tuple(classes),
         coarse_classes=coarse_classes, folds=folds, seed=seed, rows=tuple(rows),
-        layers=tuple(feats.layers), input_size=tuple(lm.input_size), cka=tuple(cka),
-        notes=tuple(notes), hypercolumn_grid=feats.grid, c=c, bilinear_channels=bilinear_channels,
+        layers=tuple(feats.layers), input_size=tuple(input_size), cka=tuple(cka),  # type: ignore[arg-type]
+        notes=tuple(out_notes), hypercolumn_grid=feats.grid, c=c, bilinear_channels=bilinear_channels,
     )
-    return result, feats
 
 
 def transfer_accuracy(
@@ -240,12 +281,16 @@ def transfer_accuracy(
     dtype: str = "float32",
     batch_size: int = 32,
     console: Console | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[dict[str, tuple[float, float]], ProbeResult]:
     """The `transfer` column of `fgscope layers`: fine-label probe accuracy (avg pooling).
+
+    Pass `progress` (e.g. the caller's `Phases.update`) when a display is already active:
+    without it the probe draws its own on `console`, and rich allows one at a time.
 
     Returns:
         ({record name: (accuracy mean, std)}, the probe result).
     """
     result, _ = probe(lm, data, layers, ("avg",), folds=folds, seed=seed, device=device,
-                      dtype=dtype, batch_size=batch_size, console=console)
+                      dtype=dtype, batch_size=batch_size, console=console, progress=progress)
     return {r.layer: (r.acc_mean, r.acc_std) for r in result.rows}, result

@@ -37,6 +37,7 @@ __all__ = [
     "CSV_COLUMNS",
     "seed_everything",
     "write_manifest_inputs",
+    "dump_manifest_inputs",
 ]
 
 
@@ -62,6 +63,8 @@ class ProbeConfig:
         batch_size: images per forward.
         max_per_class: use at most this many images per class (seeded random subset).
         c: inverse L2 strength of the logistic regression (scikit-learn's C).
+        from_dump: read the pooled features from this `fgscope dump` folder instead of
+            running `model` over `data` (`fgscope.probe.dumped`).
     """
 
     model: str = "mobilenet_v2"
@@ -79,6 +82,7 @@ class ProbeConfig:
     batch_size: int = 32
     max_per_class: int | None = None
     c: float = 1.0
+    from_dump: Path | None = None
 
     def check(self) -> None:
         """Raises ConfigError for malformed options (before anything runs)."""
@@ -198,27 +202,80 @@ def run_probe(config: ProbeConfig, console: Console | None = None) -> tuple[Path
     from rich.console import Console
 
     from fgscope.models import load_model
+    from fgscope.progress import Phases
 
     console = console or Console(quiet=True)
     config.check()
+    if config.from_dump is not None:
+        return _run_from_dump(config, console)
     t0 = started = time.perf_counter()
     seed_everything(config.seed)
-    lm = load_model(config.model, **config.model_kwargs)
-    t_load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result, feats = probe(
-        lm, config.data, config.layers, config.pools, coarse_map=config.coarse_map,
-        folds=config.folds, seed=config.seed, c=config.c, device=config.device, dtype=config.dtype,
-        batch_size=config.batch_size, max_per_class=config.max_per_class, console=console,
+    with Phases(console) as phases:
+        phases.update("load model", 0)
+        lm = load_model(config.model, **config.model_kwargs)
+        t_load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result, feats = probe(
+            lm, config.data, config.layers, config.pools, coarse_map=config.coarse_map,
+            folds=config.folds, seed=config.seed, c=config.c, device=config.device, dtype=config.dtype,
+            batch_size=config.batch_size, max_per_class=config.max_per_class, progress=phases.update,
+        )
+        t_probe = time.perf_counter() - t0
+        run = RunDir(new_run_dir(config.out, "probe", config.overwrite, [config.data, config.coarse_map]), "probe", started=started)
+        write_manifest_inputs(run, lm, config, result, feats)
+        run.time("load_model", t_load)
+        run.time("features_and_probes", t_probe)
+        t0 = time.perf_counter()
+        phases.update("files and figure", 0)
+        write_probe_files(run, result)
+        run.time("files", time.perf_counter() - t0)
+    run.finish()
+    print_summary(console, result)
+    console.print(f"wrote {len(run.manifest['files']) + 1} files to [bold]{escape(str(run.path))}[/] "
+                  "(probe.json/.csv/.md, probe.png, manifest.json)")
+    return run.path, result
+
+
+def dump_manifest_inputs(run: RunDir, dump: Any, rows: Any, config: Any, notes: Any) -> None:
+    """The manifest of a probe read from a dump: the dump (folder, hash, its model), the rows
+    used (path, class), and the options."""
+    labels = dump.labels
+    classes = dump.classes
+    run.manifest.update(
+        model=dump.index.get("manifest", {}).get("model"),
+        from_dump={"path": str(dump.root), "hash": dump.index.get("hash"), "rows": len(dump),
+                   "layers": [dump.layer(n).to_json() for n in dump.layers]},
+        data=str(dump.root), n_images=int(len(rows)),
+        images=[{"path": dump.paths[i], "class": classes[labels[i]] if labels is not None and classes else None}
+                for i in rows.tolist()],
+        failures=[{"path": f.path, "reason": f.reason} for f in dump.failures],
+        device=None, dtype=None,
+        options={k: (str(v) if isinstance(v, Path) else v) for k, v in config.__dict__.items()},
+        notes=list(notes),
     )
-    t_probe = time.perf_counter() - t0
-    run = RunDir(new_run_dir(config.out, "probe", config.overwrite, [config.data, config.coarse_map]), "probe", started=started)
-    write_manifest_inputs(run, lm, config, result, feats)
-    run.time("load_model", t_load)
-    run.time("features_and_probes", t_probe)
-    t0 = time.perf_counter()
-    write_probe_files(run, result)
-    run.time("files", time.perf_counter() - t0)
+
+
+def _run_from_dump(config: ProbeConfig, console: Console) -> tuple[Path, ProbeResult]:
+    from fgscope.probe.dumped import probe_dump
+    from fgscope.progress import Phases
+    from fgscope.store.analysis import open_for_analysis
+
+    started = time.perf_counter()
+    dump = open_for_analysis(config.from_dump)  # type: ignore[arg-type]
+    with Phases(console, unit="rows") as phases:
+        result, _feats, rows = probe_dump(
+            dump, config.layers, config.pools, coarse_map=config.coarse_map, folds=config.folds,
+            seed=config.seed, c=config.c, max_per_class=config.max_per_class, progress=phases.update,
+        )
+        t_probe = time.perf_counter() - started
+        run = RunDir(new_run_dir(config.out, "probe", config.overwrite, [config.from_dump, config.coarse_map]),
+                     "probe", started=started)
+        dump_manifest_inputs(run, dump, rows, config, result.notes)
+        run.time("read_features_and_probes", t_probe)
+        t0 = time.perf_counter()
+        phases.update("files and figure", 0)
+        write_probe_files(run, result)
+        run.time("files", time.perf_counter() - t0)
     run.finish()
     print_summary(console, result)
     console.print(f"wrote {len(run.manifest['files']) + 1} files to [bold]{escape(str(run.path))}[/] "

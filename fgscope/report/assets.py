@@ -57,6 +57,8 @@ table.sortable{min-width:100%}
 th,td{padding:3px 7px;border-bottom:1px solid var(--line);text-align:right;
 white-space:nowrap}
 th{background:var(--soft);position:sticky;top:0;font-weight:600}
+table.wrap-heads{width:auto}
+table.wrap-heads th{white-space:normal;vertical-align:bottom}
 td.l,th.l{text-align:left}
 td.nm{position:sticky;left:0;background:var(--bg);z-index:1}
 th.nm{position:sticky;left:0;z-index:2}

@@ -91,6 +91,16 @@ REFERENCES: dict[str, tuple[str, str]] = {
         "A. Araujo, W. Norris, J. Sim. Computing Receptive Fields of Convolutional Neural "
         "Networks. Distill, 2019. doi:10.23915/distill.00021.",
     ),
+    "bau2017": (
+        "Bau et al. 2017",
+        "D. Bau, B. Zhou, A. Khosla, A. Oliva, A. Torralba. Network Dissection: Quantifying "
+        "Interpretability of Deep Visual Representations. CVPR 2017. arXiv:1704.05796.",
+    ),
+    "morcos2018": (
+        "Morcos et al. 2018",
+        "A. S. Morcos, D. G. T. Barrett, N. C. Rabinowitz, M. Botvinick. On the importance of "
+        "single directions for generalization. ICLR 2018. arXiv:1803.06959.",
+    ),
     "kornblith2019": (
         "Kornblith et al. 2019",
         "S. Kornblith, M. Norouzi, H. Lee, G. Hinton. Similarity of Neural Network "

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fgscope.errors import ConfigError, FgscopeError
+from fgscope.progress import Phases
 from fgscope.report.panels import EnergyColumn
 from fgscope.runs import RunDir, atomic_write_bytes
 
@@ -73,34 +73,34 @@ def run_live(config: ReportConfig, out: Path, console: Console, run: RunDir) -> 
     from fgscope.layers.run import LayersConfig, hierarchy_columns, run_layers
     from fgscope.probe import ProbeConfig, run_probe
     from fgscope.similarity import SimilarityConfig, run_similarity
+    from fgscope.units.run import UnitsConfig, run_units
 
     live = Live()
     sub = Console(file=live.log, width=140, highlight=False, color_system=None)
     common = {"model": config.model, "model_kwargs": config.model_kwargs, "device": config.device,
               "dtype": config.dtype}
-    steps = ["layers", "cam", "similarity"] + (["probe", "advise"] if config.probe_data else [])
-    with Progress(
-        TextColumn("report: {task.description:<10}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=True,
-    ) as bar:
-        task = bar.add_task(steps[0], total=len(steps))
+    steps = ["layers", "cam", "similarity"] + (["probe", "advise", "units"] if config.probe_data else [])
+    with Phases(console, prefix="report: ") as bar:
+        k = 0
 
         def step(name: str, fn: Callable[[], Any]) -> Any:
-            bar.update(task, description=name)
+            nonlocal k
+            k += 1
+            bar.update(f"{name} ({k}/{len(steps)})", 0)
             sub.rule(name)
             t0 = time.perf_counter()
             try:
                 ret = fn()
             finally:
                 run.time(name, time.perf_counter() - t0)
-                bar.advance(task)
             if ret is not None:
                 live.folders.append(_run_path(ret, out / name))
             return ret
 
         _, result = step("layers", lambda: run_layers(_make(
             LayersConfig, images=list(config.images), layers=config.layers, out=out / "layers",
-            **common), sub))
+            max_images=config.max_images, views=config.views, view_seed=config.view_seed, **common), sub,
+            lambda phase, done, total: bar.update(f"layers: {phase}", done, total)))
         images = [str(li.path) for li in result.images]
         cols = hierarchy_columns(result.rows)
         if cols:
@@ -140,11 +140,13 @@ def run_live(config: ReportConfig, out: Path, console: Console, run: RunDir) -> 
             out=out / "probe", **common), sub)))
         if probe_ret is None:
             live.notes.append("Advice: needs the linear probes.")
-            bar.advance(task)
             return live
         probe_dir = _run_path(probe_ret, out / "probe")
         step("advise", lambda: _noted(live, "Advice", lambda: run_advise(_make(
             AdviseConfig, from_probe=probe_dir, out=out / "advise", **common), sub)))
+        # the unit atlas of the same labelled data (dataset examples, class selectivity)
+        step("units", lambda: _noted(live, "Unit atlas", lambda: run_units(_make(
+            UnitsConfig, data=config.probe_data, layers="stages", out=out / "units", **common), sub)))
     return live
 
 

@@ -32,6 +32,7 @@ from rich.markup import escape
 
 from fgscope.errors import ConfigError
 from fgscope.report import paper, results, sections
+from fgscope.report.atlas import atlas_section
 from fgscope.report.html import Section, esc, references_section, render_page
 from fgscope.report.live import (
     MIN_IMAGES_FOR_SIMILARITY,
@@ -65,7 +66,9 @@ class ReportConfig:
         formats: paper figure formats (png, pdf, svg).
         width: `single` (3.5 in) or `double` (7 in) paper figures.
         layers: layer selection of the layers and similarity runs.
-        max_images: images shown in the grids section and the paper hierarchy figure.
+        max_images: images shown in the grids section and the paper hierarchy figure (the
+            layers run keeps the activations of these only; its table measures every image).
+        views, view_seed: the abstraction column's views (`fgscope layers --views`).
         model_kwargs, device, dtype: passed to every job.
     """
 
@@ -80,6 +83,8 @@ class ReportConfig:
     width: str = "double"
     layers: str = "blocks"
     max_images: int = 3
+    views: int = 8
+    view_seed: int = 0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     dtype: str = "float32"
@@ -90,6 +95,8 @@ class ReportConfig:
         paper.paper_width(self.width)
         if self.max_images < 1:
             raise ConfigError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.views in (1, 2) or self.views < 0:
+            raise ConfigError(f"--views must be 0 (no abstraction column) or at least 3, got {self.views}")
         if self.from_dirs and (self.probe_data or self.coarse_map or self.images):
             raise ConfigError(
                 "--from builds the page from earlier runs; --probe-data, --coarse-map and "
@@ -131,10 +138,11 @@ def _page_hierarchy(data: Hierarchy, run: RunDir) -> None:
     from fgscope.layers.figures import hierarchy_figure
     from fgscope.render import save_figure
 
-    images, cols, _ = data
+    images, cols, labels = data
     columns = [(f"{c.name}\nstride {_g(c.stride)} · rf {_g(c.rf)} px\n{c.stage}", c.energy)
                for c in cols]
-    fig = hierarchy_figure([Image.fromarray(im) for im in images], columns)
+    fig = hierarchy_figure([Image.fromarray(im) for im in images], columns,
+                           row_labels=list(labels) if len(labels) == len(images) else None)
     for p in save_figure(fig, run.file("hierarchy.png")):
         run.wrote(p)
 
@@ -251,6 +259,8 @@ def _page(runs: Runs, figures: list[Path], config: ReportConfig, run: RunDir,
         parts.append(results.similarity_section(runs.similarity))
     if runs.dump is not None:
         parts.append(results.dump_section(runs.dump))
+    if runs.units is not None:
+        parts.append(atlas_section(runs.units))
     parts.append(sections.figures_section(figures, width, run.path))
     present = [s for s in parts if s is not None]
     refs = references_section(present)

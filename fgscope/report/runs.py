@@ -17,8 +17,8 @@ from fgscope.errors import ConfigError
 
 __all__ = ["RUN_KINDS", "RunFolder", "Runs", "load_runs", "read_json", "model_name"]
 
-RUN_KINDS = ("layers", "cam", "probe", "advise", "similarity", "dump")
-_HINT = "pass output folders of fgscope layers, cam, probe, advise, similarity, dump or report"
+RUN_KINDS = ("layers", "cam", "probe", "advise", "similarity", "dump", "units")
+_HINT = "pass output folders of fgscope layers, cam, probe, advise, similarity, dump, units or report"
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Runs:
     advise: RunFolder | None = None
     similarity: RunFolder | None = None
     dump: RunFolder | None = None
+    units: RunFolder | None = None
     hierarchy_npz: Path | None = None
     all: tuple[RunFolder, ...] = field(default=())
 
@@ -139,6 +140,7 @@ def load_runs(folders: Sequence[str | Path]) -> Runs:
     return Runs(
         layers=found.get("layers"), cams=tuple(found["cams"]), probe=found.get("probe"),
         advise=found.get("advise"), similarity=found.get("similarity"), dump=found.get("dump"),
+        units=found.get("units"),
         hierarchy_npz=npz, all=tuple(order),
     )
 

@@ -150,15 +150,17 @@ _TABLE: list[tuple[str, str, str, str]] = [
     ("name", "layer", "record name (module path; :k = k-th call)", ""),
     ("type", "type", "module class", ""),
     ("shape", "shape", "output shape without the batch: C×H×W or F", ""),
+    ("layout", "layout", "where the map is in the output (NHWC, tokens, ...), measured and drawn as C×H×W; shown when some layer is not NCHW", ""),
     ("stride", "stride", "effective stride in input pixels (larger axis)", "g"),
     ("rf", "rf (px)", "theoretical receptive field in input pixels; ~ = approximate", "g"),
+    ("rf_note", "rf note", "why the receptive field is approximate (~)", ""),
     ("rf_frac", "rf / input", "receptive field divided by the input side", ".2f"),
     ("params", "params", "parameters of the module, submodules included", ","),
     ("stage", "stage", "early / middle / late, from the model's own downsampling", ""),
     ("signed", "signed", "some outputs are negative: no inactive state, see “negative”", ""),
     ("sparsity", "sparsity", "fraction of exact zeros (inactive units); empty for signed outputs", ".3f"),
     ("negative_frac", "negative", "fraction of outputs < 0", ".3f"),
-    ("concentration", "concentration", "1 − normalised spatial entropy of the activation energy (Pielou 1966)", ".3f"),
+    ("concentration", "spatial conc.", "concentration: 1 − normalised spatial entropy of the activation energy (Pielou 1966)", ".3f"),
     ("pr_spatial", "PR spatial", "participation ratio of the channel covariance over the positions of one image (≤ H·W − 1)", ".1f"),
     ("pr_images", "PR images", "participation ratio of the avg-pooled features across the images (≤ N − 1; ≥ 10 images)", ".1f"),
     ("mean", "mean", "mean activation", ".3g"),
@@ -175,7 +177,8 @@ _TABLE: list[tuple[str, str, str, str]] = [
 
 
 # Shown inside other columns (spatial, channels: in shape; rf_exact: the ~ of rf).
-_HIDDEN = ("spatial", "channels", "rf_exact", "per_image", "empty", "grid")  # grid: its own section
+# signed: a signed layer's sparsity cell is empty and its tooltip says so (the table fits 1280 px).
+_HIDDEN = ("spatial", "channels", "rf_exact", "signed", "per_image", "empty", "grid")  # grid: its own section
 _OLD_ABSTRACTION = ("abstraction", "abstraction (old)", "older runs: CKA out / (CKA in + CKA out) of biased "
                     "CKA, mostly estimator bias with few images", ".3f")
 
@@ -198,7 +201,9 @@ def table_section(run: RunFolder) -> Section:
         known["abstraction"] = _OLD_ABSTRACTION
     keys = [k for k in (data.get("columns") or list(known)) if k not in _HIDDEN]
     keys = [k for k in keys if not (k.endswith(("_lo", "_hi")) and k[:-3] in keys)]  # folded in
-    keys += [k for k in known if k not in keys and any(k in r for r in rows)]
+    keys += [k for k in known if k not in keys and k not in _HIDDEN and any(k in r for r in rows)]
+    if all(r.get("layout") in (None, "NCHW", "NC", "vector") for r in rows):
+        keys = [k for k in keys if k != "layout"]  # the usual layout needs no column
     cols = [known.get(k, (k, k, "", ".3g")) for k in keys if any(r.get(k) is not None for r in rows)]
     body_rows = []
     for r in rows:
@@ -213,18 +218,21 @@ def table_section(run: RunFolder) -> Section:
                 cells.append(Cell(esc(fmt(v, "g")), sort_value(v), "l"))
             elif key == "rf":
                 approx = "~" if v is not None and r.get("rf_exact") is False else ""
-                cells.append(Cell(approx + fmt_int(v), sort_value(v)))
+                tip = f' title="{esc(r["rf_note"])}"' if approx and r.get("rf_note") else ""
+                cells.append(Cell(f"<span{tip}>{approx}{fmt_int(v)}</span>" if tip else approx + fmt_int(v),
+                                  sort_value(v)))
             elif key == "params":
                 cells.append(Cell("" if v is None else f"{int(v):,}", sort_value(v)))
             elif v is None and (r.get("empty") or {}).get(key):
                 cells.append(Cell(f'<span title="{esc(r["empty"][key])}">–</span>', None))
             elif v is not None and r.get(f"{key}_lo") is not None and r.get(f"{key}_hi") is not None:
                 lo, hi = fmt(r[f"{key}_lo"], ".2f"), fmt(r[f"{key}_hi"], ".2f")
-                cells.append(Cell(f"{fmt(v, spec)} <small>[{lo}, {hi}]</small>", sort_value(v)))
+                # the interval on its own line keeps the column narrow (the table fits 1280 px)
+                cells.append(Cell(f"{fmt(v, spec)}<br /><small>[{lo}, {hi}]</small>", sort_value(v)))
             else:
                 cells.append(Cell(fmt(v, spec), sort_value(v)))
         body_rows.append(cells)
-    table = table_html([(h, tip) for _, h, tip, _ in cols], body_rows, bleed=True)
+    table = table_html([(h, tip) for _, h, tip, _ in cols], body_rows, bleed=True, cls="wrap-heads")
     note = _empty_note(rows)
     lead = (
         "One row per recorded layer: geometry, the stage, and statistics measured on the images. "
@@ -332,9 +340,12 @@ def grids_section(run: RunFolder, max_images: int = 3) -> Section | None:
     if not body:
         return None
     more = ""
-    if len(folders) > max_images:
-        more = (f"<p>The first {max_images} of {len(folders)} images; the layers run folder "
-                "has every layer for every image.</p>")
+    n_run = len(run.manifest.get("images") or []) or len(folders)  # the layers run measured these
+    shown = min(len(folders), max_images)
+    if n_run > shown:
+        kept = ("has every layer for every image" if len(folders) >= n_run else
+                f"has grids of the first {len(folders)} (its --max-images); its table measures all {n_run}")
+        more = f"<p>Grids of the first {shown} of {n_run} images; the layers run folder {kept}.</p>"
     lead = (
         "The most active channels of the last layer at each resolution, each tile on its own "
         "colour scale: edge and colour detectors early, textures and parts in the middle, "

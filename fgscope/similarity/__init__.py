@@ -2,6 +2,7 @@
 
 - `cka`: centred Grams and their minibatch accumulation.
 - `compute`: `compute_similarity`, streaming the images through one or two models.
+- `dumped`: `similarity_from_dump`, the same from a `fgscope dump` folder (no model).
 - `run`: the command's job, its files and console table.
 - `figure`: the CKA heatmap.
 """
@@ -14,6 +15,8 @@ _EXPORTS = {
     "MIN_IMAGES": "compute",
     "SimilarityResult": "compute",
     "compute_similarity": "compute",
+    "ImageInfo": "compute",
+    "similarity_from_dump": "dumped",
     "centered_gram": "cka",
     "CkaAccumulator": "cka",
     "similarity_figure": "figure",

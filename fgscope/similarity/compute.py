@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from fgscope.capture import LayerRecord, capture
 from fgscope.device import autocast, resolve_device, resolve_dtype, to_device
 from fgscope.errors import ConfigError, ImageError, LayerNotFoundError, ModelRunError
 from fgscope.forward import forward
-from fgscope.images import ImageFailure, LoadedImage, load_inputs
+from fgscope.images import ImageFailure, LoadedImage, discover, iter_images, load_inputs
 from fgscope.models import LoadedModel, Preprocess, load_model
 from fgscope.places import LayerPlace, locate_layers
 from fgscope.selection import LayerSpec, select_layers
@@ -28,6 +29,7 @@ from fgscope.similarity.cka import CkaAccumulator, centered_gram
 __all__ = [
     "MIN_IMAGES",
     "SimilarityResult",
+    "ImageInfo",
     "compute_similarity",
 ]
 
@@ -52,11 +54,12 @@ class SimilarityResult:
         batch_size: images per batch (batches are split evenly: each holds at least this many).
         n_batches: batches accumulated (1 for `full`).
         images, failures: the images used, and those that could not be read.
-        model, vs_model: the models (vs_model None without --vs).
+        model, vs_model: the models (vs_model None without --vs; model None for a dump).
         vs_preprocess: `own` when the --vs model used its own preprocessing, `shared` when it
             was fed MODEL's inputs (it brought none of its own); None without --vs.
         device, dtype: where and in what precision the forwards ran.
         notes: remarks for the user (fallbacks, skipped layers).
+        features: what each layer's representation of an image is (in words).
     """
 
     layers_x: list[str]
@@ -68,14 +71,15 @@ class SimilarityResult:
     method: str
     batch_size: int
     n_batches: int
-    images: list[LoadedImage]
+    images: list[ImageInfo]
     failures: list[ImageFailure]
-    model: LoadedModel
+    model: LoadedModel | None
     vs_model: LoadedModel | None
     vs_preprocess: str | None
     device: str
     dtype: str
     notes: tuple[str, ...] = ()
+    features: str = "each layer's whole output per image, flattened (not pooled)"
 
     @property
     def n_images(self) -> int:
@@ -214,51 +218,74 @@ def compute_similarity(
     vlm = None if vs is None else vs if isinstance(vs, LoadedModel) else load_model(vs)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     sizes = [m.preprocess.resize_size for m in (lm, vlm) if m is not None and m.preprocess.resize_size]
-    loaded, failures = load_inputs(images, resize_size=max(sizes, default=None))
-    if len(loaded) < MIN_IMAGES:
-        bad = f" ({len(failures)} could not be read)" if failures else ""
+    source = _Source(images, max(sizes, default=None))
+    n_in = len(source)
+    if n_in < MIN_IMAGES:
+        bad = f" ({len(source.failures)} could not be read)" if source.failures else ""
         raise ImageError(
-            f"similarity needs at least {MIN_IMAGES} images, got {len(loaded)}{bad}",
+            f"similarity needs at least {MIN_IMAGES} images, got {n_in}{bad}",
             "pass a folder of images: CKA compares how layers represent a set of inputs",
         )
-    pics = [li.image for li in loaded]
-    x_side = _prepare(lm, lm.preprocess, layers, pics[0], dev, "MODEL")
+    # A static-batch .pt2 takes at most `cap` images per forward: `full` CKA, whose rows are
+    # filled forward by forward, in forwards of at most `cap` images.
+    cap = min((m.max_batch for m in (lm, vlm) if m is not None and m.max_batch), default=None)
+    method, batches = _batches(n_in, batch_size, minibatch and cap is None)
+    if cap is not None:
+        batches = [part for idx in batches for part in np.array_split(idx, -(-len(idx) // cap))]
+    notes = [f"at most {cap} image(s) per forward: CKA computed on all {n_in} at once"] if cap else []
+    if method == "full" and minibatch and cap is None:
+        notes.append(
+            f"{n_in} images are fewer than two batches of {batch_size}: CKA computed on all "
+            f"{n_in} at once (n x n Grams) instead of in minibatches"
+        )
+    # Images are decoded batch by batch (never all at once); only path, size and hash stay.
+    first = source.decode(batches[0])
+    while not first and len(batches) > 1:  # a first batch that failed entirely
+        batches = batches[1:]
+        first = source.decode(batches[0])
+    if not first:
+        raise ImageError(f"none of the {n_in} image(s) could be read: "
+                         + "; ".join(f.reason for f in source.failures[:3]))
+    x_side = _prepare(lm, lm.preprocess, layers, first[0].image, dev, "MODEL")
     sides = [x_side]
     vs_pre = None
     if vlm is not None:
         own = _has_own_preprocess(vlm)
         vs_pre = "own" if own else "shared"
         sides.append(
-            _prepare(vlm, vlm.preprocess if own else lm.preprocess, layers, pics[0], dev, "--vs model")
-        )
-    n = len(loaded)
-    # A static-batch .pt2 takes at most `cap` images per forward: `full` CKA, whose rows are
-    # filled forward by forward, in forwards of at most `cap` images.
-    cap = min((m.max_batch for m in (lm, vlm) if m is not None and m.max_batch), default=None)
-    method, batches = _batches(n, batch_size, minibatch and cap is None)
-    if cap is not None:
-        batches = [part for idx in batches for part in np.array_split(idx, -(-len(idx) // cap))]
-    notes = [f"at most {cap} image(s) per forward: CKA computed on all {n} at once"] if cap else []
-    if method == "full" and minibatch and cap is None:
-        notes.append(
-            f"{n} images are fewer than two batches of {batch_size}: CKA computed on all "
-            f"{n} at once (n x n Grams) instead of in minibatches"
+            _prepare(vlm, vlm.preprocess if own else lm.preprocess, layers, first[0].image, dev, "--vs model")
         )
     acc: CkaAccumulator | None = None
+    kept: list[ImageInfo] = []
+    pending: list[LoadedImage] = []
     for done, idx in enumerate(batches, 1):
-        batch = [pics[i] for i in idx]
-        for side in sides:
-            side.run(batch, dev, dt, keep=(int(idx[0]), n) if method == "full" else None)
-        if method == "minibatch":
-            kx = [x_side.grams[nm] for nm in x_side.names]
-            ky = [sides[1].grams[nm] for nm in sides[1].names] if len(sides) > 1 else None
-            if acc is None:
-                acc = CkaAccumulator(len(kx), None if ky is None else len(ky))
-            acc.update(kx, ky)
+        pending += first if done == 1 else source.decode(idx)
+        # A minibatch needs 4 images: one that lost images to failures waits for the next.
+        if pending and (method == "full" or len(pending) >= MIN_IMAGES):
+            pics = [li.image for li in pending]
+            for side in sides:
+                side.run(pics, dev, dt, keep=(len(kept), n_in) if method == "full" else None)
+            kept += [ImageInfo(li.path, li.size, li.sha256) for li in pending]
+            pending = []
+            if method == "minibatch":
+                kx = [x_side.grams[nm] for nm in x_side.names]
+                ky = [sides[1].grams[nm] for nm in sides[1].names] if len(sides) > 1 else None
+                if acc is None:
+                    acc = CkaAccumulator(len(kx), None if ky is None else len(ky))
+                acc.update(kx, ky)
         if progress is not None:
             progress(done, len(batches))
+    n = len(kept)
+    if n < MIN_IMAGES:
+        raise ImageError(
+            f"similarity needs at least {MIN_IMAGES} images, got {n} ({len(source.failures)} could not be read)",
+            "pass a folder of images: CKA compares how layers represent a set of inputs",
+        )
+    if pending:
+        notes.append(f"the last {len(pending)} image(s) were left out: failures left their "
+                     f"minibatch with fewer than {MIN_IMAGES}")
     if method == "full":
-        grams = [[centered_gram(s.feats[nm]) for nm in s.names] for s in sides]
+        grams = [[centered_gram(s.feats[nm][:n]) for nm in s.names] for s in sides]
         for s in sides:
             s.feats.clear()
         acc = CkaAccumulator(len(grams[0]), None if len(sides) == 1 else len(grams[1]))
@@ -271,7 +298,46 @@ def compute_similarity(
         places_x=[x_side.places[nm] for nm in x_side.names],
         places_y=[y_side.places[nm] for nm in y_side.names],
         cka=cka, cka_debiased=cka_u, method=method,
-        batch_size=batch_size, n_batches=acc.batches, images=loaded, failures=failures,
+        batch_size=batch_size, n_batches=acc.batches, images=kept, failures=source.failures,
         model=lm, vs_model=vlm, vs_preprocess=vs_pre, device=str(dev),
         dtype=str(dt).removeprefix("torch."), notes=tuple(notes),
     )
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image that went into the CKA: its path (`<image i>` for a PIL image), (width,
+    height) after the EXIF transpose (None when read from a dump, which does not store it),
+    and the sha256 of its file ("" for a PIL image or a dump)."""
+
+    path: Path
+    size: tuple[int, int] | None
+    sha256: str
+
+
+class _Source:
+    """The inputs, decoded one batch at a time: PIL images as given, or the files found in
+    paths, folders and globs (`discover`); `failures` fills as batches are decoded."""
+
+    def __init__(self, images: Sequence[str | os.PathLike | Image.Image], resize_size: int | None) -> None:
+        self.resize_size = resize_size
+        if any(isinstance(im, Image.Image) for im in images):
+            self.loaded, self.failures = load_inputs(images)  # in memory already (the caller's)
+            self.paths: list[Path] = []
+        else:
+            found = discover([os.fspath(p) for p in images])  # type: ignore[arg-type]
+            self.loaded, self.paths, self.failures = [], list(found), list(found.failures)
+
+    def __len__(self) -> int:
+        return len(self.loaded) if self.loaded else len(self.paths)
+
+    def decode(self, idx: np.ndarray) -> list[LoadedImage]:
+        if self.loaded:
+            return [self.loaded[int(i)] for i in idx]
+        out: list[LoadedImage] = []
+        for item in iter_images([self.paths[int(i)] for i in idx], resize_size=self.resize_size):
+            if isinstance(item, LoadedImage):
+                out.append(item)
+            else:
+                self.failures.append(item)
+        return out

@@ -20,6 +20,11 @@ K = X X^T of the images, so it is computed from Grams:
   `linear_cka(x, y, debiased=True)`; the features of every image are kept, and n x n Grams.
   Used when asked for, or when there are fewer than two batches of images.
 
+Images are decoded batch by batch and not kept (only path, size and sha256), so `minibatch`
+memory is the models, one batch and a few b x b matrices. `--from-dump DIR` reads the stored
+layers of a `fgscope dump` instead of running a model (`fgscope.similarity.dumped`: the same
+numbers from raw maps, CKA of pooled features from pooled dumps, said in `features`).
+
 Output folder:
     similarity.json            matrices, layer names and stages, method (see `write_outputs`)
     similarity.csv             the CKA matrix, rows = layers of MODEL, columns = layers of the
@@ -43,7 +48,6 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
 from fgscope.errors import ConfigError, ImageError
@@ -74,6 +78,8 @@ class SimilarityConfig:
     dtype: str = "float32"
     batch_size: int = 32
     minibatch: bool = True
+    from_dump: Path | None = None
+    """Read the layers from this `fgscope dump` folder instead of running `model` (no --vs)."""
 
 
 
@@ -99,44 +105,70 @@ def run_similarity(
     Raises:
         FgscopeError: bad models, images, layers or options (before anything is written).
     """
+    from fgscope.progress import Phases
+
     console = console or Console(quiet=True)
-    if not config.images:
-        raise ImageError(
-            f"similarity needs at least {MIN_IMAGES} images and none were given",
-            "pass image files or a folder after MODEL",
-        )
     if config.batch_size < 4:
         raise ConfigError(f"--batch-size must be at least 4 for CKA, got {config.batch_size}")
-    t0 = time.perf_counter()
-    lm = load_model(config.model, **config.model_kwargs)
-    vlm = load_model(config.vs, **config.vs_model_kwargs) if config.vs is not None else None
-    t_load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with Progress(
-        TextColumn("CKA"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
-    ) as bar:
-        task = bar.add_task("batches", total=None)
-        result = compute_similarity(
-            lm, config.images, config.layers, vs=vlm, batch_size=config.batch_size,
-            minibatch=config.minibatch, device=config.device, dtype=config.dtype,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
-    t_cka = time.perf_counter() - t0
+    lm = vlm = dump = None
+    with Phases(console, unit="batches") as phases:
+        if config.from_dump is not None:
+            from fgscope.similarity.dumped import similarity_from_dump
+            from fgscope.store.analysis import open_for_analysis
 
-    run = RunDir(new_run_dir(config.out, "similarity", config.overwrite, config.images), "similarity")
-    run.time("load_model", t_load)
+            if config.vs is not None:
+                raise ConfigError("--vs needs a model to run: it cannot be used with --from-dump",
+                                  hint="dump both models and compare the dumps' layers in Python")
+            t0 = time.perf_counter()
+            dump = open_for_analysis(config.from_dump)
+            t_load = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            result = similarity_from_dump(
+                dump, config.layers, batch_size=config.batch_size, minibatch=config.minibatch,
+                progress=lambda done, total: phases.update("CKA", done, total),
+            )
+        else:
+            if not config.images:
+                raise ImageError(
+                    f"similarity needs at least {MIN_IMAGES} images and none were given",
+                    "pass image files or a folder after MODEL",
+                )
+            t0 = time.perf_counter()
+            phases.update("load model", 0)
+            lm = load_model(config.model, **config.model_kwargs)
+            vlm = load_model(config.vs, **config.vs_model_kwargs) if config.vs is not None else None
+            t_load = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            result = compute_similarity(
+                lm, config.images, config.layers, vs=vlm, batch_size=config.batch_size,
+                minibatch=config.minibatch, device=config.device, dtype=config.dtype,
+                progress=lambda done, total: phases.update("forward and CKA", done, total),
+            )
+        t_cka = time.perf_counter() - t0
+        phases.update("files and figure", 0)
+        return _write(config, console, result, lm, vlm, dump, t_load, t_cka)
+
+
+def _write(config: SimilarityConfig, console: Console, result: SimilarityResult, lm: LoadedModel | None,
+           vlm: LoadedModel | None, dump: Any, t_load: float, t_cka: float) -> tuple[Path, SimilarityResult]:
+    inputs = [config.from_dump] if dump is not None else config.images
+    run = RunDir(new_run_dir(config.out, "similarity", config.overwrite, inputs), "similarity")
+    run.time("open_dump" if dump is not None else "load_model", t_load)
     run.time("cka", t_cka)
     run.manifest.update(
-        model=model_entry(lm),
+        model=model_entry(lm) if lm is not None else dump.index.get("manifest", {}).get("model"),
         vs_model=model_entry(vlm) if vlm is not None else None,
         vs_preprocess=result.vs_preprocess,
-        images=[{"path": str(li.path), "sha256": li.sha256, "size": list(li.size)} for li in result.images],
+        images=[{"path": str(li.path), "sha256": li.sha256, "size": list(li.size)} if li.size is not None
+                else {"path": str(li.path)} for li in result.images],
         failures=[{"path": str(f.path), "reason": f.reason} for f in result.failures],
         device=result.device, dtype=result.dtype, layers=config.layers,
         options={k: (str(v) if isinstance(v, Path) else v) for k, v in config.__dict__.items()},
-        notes=list(result.notes),
+        notes=list(result.notes), features=result.features,
     )
+    if dump is not None:
+        run.manifest["from_dump"] = {"path": str(dump.root), "hash": dump.index.get("hash"), "rows": len(dump),
+                                     "layers": [dump.layer(n).to_json() for n in result.layers_x]}
     for f in result.failures:
         console.print(f"[yellow]skipped[/] {escape(f.reason)}")
     for note in result.notes:
@@ -144,7 +176,7 @@ def run_similarity(
 
     t0 = time.perf_counter()
     data = {
-        "model": lm.source.spec,
+        "model": lm.source.spec if lm is not None else run.manifest["model"] and run.manifest["model"].get("spec"),
         "vs": vlm.source.spec if vlm is not None else None,
         "layers_x": result.layers_x,
         "layers_y": result.layers_y,
@@ -158,7 +190,8 @@ def run_similarity(
         "method": result.method,
         "batch_size": result.batch_size,
         "n_batches": result.n_batches,
-        "features": "each layer's whole output per image, flattened (not pooled)",
+        "features": result.features,
+        "from_dump": str(dump.root) if dump is not None else None,
         "vs_preprocess": result.vs_preprocess,
         "notes": list(result.notes),
     }
@@ -174,7 +207,8 @@ def run_similarity(
         run.wrote(run.path / name)
     from fgscope.render import save_figure
 
-    fig = similarity_figure(result, _short_name(lm), _short_name(vlm) if vlm is not None else None)
+    name = _short_name(lm) if lm is not None else Path(str(data["model"] or dump.root)).name
+    fig = similarity_figure(result, name, _short_name(vlm) if vlm is not None else None)
     for p in save_figure(fig, run.file("similarity.png")):
         run.wrote(p)
     run.time("files", time.perf_counter() - t0)

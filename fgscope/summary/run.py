@@ -96,7 +96,7 @@ def _print_table(console: Console, result: ModelSummary, loaded: Any) -> None:
         f"input {h}x{w} | params {result.total_params:,} "
         f"(trainable {result.trainable_params:,}) | mult-adds {result.macs / 1e6:,.1f} M"
     )
-    for note in (*src.notes, *result.notes):
+    for note in result.notes:  # the model's own notes are printed when it loads (fgscope.notes)
         console.print(f"[yellow]note:[/] {escape(note)}")
 
 
