@@ -10,6 +10,7 @@ is about to write into (views included), just before the write.
 from __future__ import annotations
 
 import inspect as _inspect
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -86,7 +87,16 @@ def storage_key(t: torch.Tensor) -> int | None:
 
 
 class CopyOnWrite(TorchFunctionMode):
-    """Copies a recorded tensor just before an operation writes into its storage."""
+    """Keeps recorded tensors as they were produced when an operation writes into them.
+
+    Under `torch.inference_mode()` (capture's default) an in-place write into a tensor whose
+    storage only the model's tensor and the records share is run out of place instead, and
+    the model's tensor is pointed at the result (`Tensor.set_`): the records keep the old
+    storage, the model sees the new values in the same tensor object, and no copy is made
+    (one pass over the data instead of a copy plus the write). Anything else (views or other
+    aliases of the storage, `out=` and `x[...] = v` writes, list ops, a result of another
+    shape or dtype, grad mode) copies the records just before the write, as before.
+    """
 
     def __init__(self, recorder: _Watcher) -> None:
         super().__init__()
@@ -95,6 +105,54 @@ class CopyOnWrite(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self._recorder.watched:
-            for target in inplace_targets(func, args, kwargs):
+            targets = inplace_targets(func, args, kwargs)
+            if len(targets) == 1 and kwargs.get("out") is None:
+                swapped = self._out_of_place(func, args, kwargs, targets[0])
+                if swapped is not None:
+                    return swapped
+            for target in targets:
                 self._recorder.before_write(target)
         return func(*args, **kwargs)
+
+    def _out_of_place(self, func: Any, args: tuple, kwargs: dict, target: torch.Tensor) -> Any:
+        """`target` holding `func`'s result without writing into its old storage, or None."""
+        key = storage_key(target)
+        held = self._recorder.watched.get(key) if key is not None else None
+        if not held or not torch.is_inference_mode_enabled() or target.requires_grad:
+            return None
+        twin = _twin(func, args, kwargs)
+        if twin is None:
+            return None
+        # the model's tensor, the records' tensors and the temporary storage object: no alias
+        if torch._C._storage_Use_Count(target.untyped_storage()._cdata) != 2 + len(held):
+            return None
+        result = twin()
+        if (not isinstance(result, torch.Tensor) or result.shape != target.shape
+                or result.dtype != target.dtype or result.device != target.device):
+            return None  # the write runs in place after a copy (the result is discarded)
+        self._recorder.watched.pop(key)  # the records alone hold the old storage now
+        target.set_(result)
+        return target
+
+
+# in-place dunder -> its out-of-place twin on Tensor
+_DUNDER_TWINS = {f"__i{op}__": f"__{op}__" for op in
+                 "add sub mul matmul truediv floordiv mod pow lshift rshift and xor or".split()}
+
+
+def _twin(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
+    """A call of the out-of-place twin of the in-place call `func(*args, **kwargs)`, or None."""
+    kind = _WRITE_KIND.get(func)
+    if kind is not None and kind not in (0, 1):  # a functional called with inplace=True
+        bound = kind.bind(*args, **kwargs)
+        bound.arguments["inplace"] = False
+        return lambda: func(*bound.args, **bound.kwargs)
+    name = getattr(func, "__name__", "")
+    if name in _DUNDER_TWINS:
+        twin = getattr(torch.Tensor, _DUNDER_TWINS[name], None)
+    elif name.endswith("_") and not name.startswith("_"):
+        twin = next((getattr(space, name[:-1], None) for space in (torch.Tensor, torch)
+                     if getattr(space, name, None) is func), None)
+    else:
+        twin = None
+    return None if twin is None else lambda: twin(*args, **kwargs)

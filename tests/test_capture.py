@@ -312,3 +312,63 @@ def test_functional_capture_removes_its_hooks(tiny, tiny_input):
         tiny(tiny_input)
     assert rec.names() == ["flatten"] and rec.records[0].shape == (16,)
     assert _no_hooks(tiny)
+
+
+class _Writes(nn.Module):
+    """In-place writes of every kind into recorded outputs, and aliases the model relies on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.act = nn.ReLU6(inplace=True)  # F.hardtanh(x, 0, 6, inplace) with positional flag
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        same = y  # the same tensor object: in-place semantics must reach it
+        y = self.relu(y)
+        z = self.conv2(y)
+        view = z[:, :2]  # an alias of z's storage: the write below must show through it
+        z = self.act(z)
+        w = self.conv2(z)
+        w += 1.0  # __iadd__
+        w.mul_(0.5)  # a Tensor method
+        torch.relu_(w)  # a torch function
+        return same + view.sum() + w
+
+
+def test_inplace_writes_keep_records_and_the_models_semantics(monkeypatch):
+    # Under inference mode a write into a recorded tensor runs out of place and the model's
+    # tensor is pointed at the result (no copy); with an alias of the storage it is copied.
+    # Either way the records equal clones taken in the hooks, and the model's output is the same.
+    import fgscope._inplace as ip
+
+    swaps: list[bool] = []
+    real = ip.CopyOnWrite._out_of_place
+
+    def spy(self, *a):
+        got = real(self, *a)
+        swaps.append(got is not None)
+        return got
+
+    monkeypatch.setattr(ip.CopyOnWrite, "_out_of_place", spy)
+    torch.manual_seed(0)
+    model = _Writes().eval()
+    model.bn.running_mean.normal_()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    want = reference_records(model, x, leaf_modules(model))
+    with capture(model, "all") as rec:
+        out = model(x)
+    assert torch.equal(out, expected)
+    got = {r.name: r.tensor for r in rec.records}
+    assert [n for n, _ in want] == list(got)
+    for name, t in want:
+        assert torch.equal(got[name], t), name
+    assert (got["bn"] < 0).any() and ((got["conv2"] > 6).any() or (got["conv2"] < 0).any())
+    # relu (after bn), w += 1 (after conv2:2), w.mul_ and relu_ ran out of place; the ReLU6
+    # write into z, which `view` aliases, was copied instead
+    assert swaps.count(True) >= 2 and swaps.count(False) >= 1, swaps
