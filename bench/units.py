@@ -63,7 +63,7 @@ def main() -> None:
     n = len(paths)
     print(f"{args.model}, {n} images of {args.size}px, batch {args.batch}, {dev}")
     print(f"{'plain forward loop':>20}: {n / t_plain:8.1f} images/s")
-    print(f"{'fgscope units':>20}: {n / t_units:8.1f} images/s   ({t_plain / t_units:.2f}x plain; target >= 0.7x)")
+    print(f"{'fgscope.units()':>20}: {n / t_units:8.1f} images/s   ({t_plain / t_units:.2f}x plain; target >= 0.7x)")
 
 
 if __name__ == "__main__":
