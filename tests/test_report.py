@@ -547,20 +547,7 @@ def test_abstraction_table_fits_a_laptop_with_ten_images(tmp_path_factory):
     binary = browser_test._chromium_binary()
     if binary is None:
         pytest.skip("Chromium is not installed (see tests/test_report_browser.py)")
-    from fgscope.report.run import ReportConfig, run_report
-
-    root = tmp_path_factory.mktemp("fit")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(10):
-        p = root / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
-    _, res = run_report(ReportConfig(
-        model="resnet18", images=paths, out=root / "report", formats=("png",),
-        model_kwargs={"weights": None, "size": 64}, device="cpu",
-    ))
-    html = res.html
+    html = browser_test.ten_image_report(tmp_path_factory.mktemp("fit"))
     with browser_test.Chromium(binary) as browser:
         page = browser.open(html.resolve().as_uri(), browser_test.LAPTOP, False)
         box = page.eval("(() => { const b = document.querySelector('#table .scroll');"

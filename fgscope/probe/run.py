@@ -225,10 +225,18 @@ def run_probe(config: ProbeConfig, console: Console | None = None) -> tuple[Path
         write_manifest_inputs(run, lm, config, result, feats)
         run.time("load_model", t_load)
         run.time("features_and_probes", t_probe)
-        t0 = time.perf_counter()
-        phases.update("files and figure", 0)
-        write_probe_files(run, result)
-        run.time("files", time.perf_counter() - t0)
+        _write_files(run, result, phases)
+    return _finish(run, result, console)
+
+
+def _write_files(run: RunDir, result: ProbeResult, phases: Any) -> None:
+    t0 = time.perf_counter()
+    phases.update("files and figure", 0)
+    write_probe_files(run, result)
+    run.time("files", time.perf_counter() - t0)
+
+
+def _finish(run: RunDir, result: ProbeResult, console: Console) -> tuple[Path, ProbeResult]:
     run.finish()
     print_summary(console, result)
     console.print(f"wrote {len(run.manifest['files']) + 1} files to [bold]{escape(str(run.path))}[/] "
@@ -272,15 +280,8 @@ def _run_from_dump(config: ProbeConfig, console: Console) -> tuple[Path, ProbeRe
                      "probe", started=started)
         dump_manifest_inputs(run, dump, rows, config, result.notes)
         run.time("read_features_and_probes", t_probe)
-        t0 = time.perf_counter()
-        phases.update("files and figure", 0)
-        write_probe_files(run, result)
-        run.time("files", time.perf_counter() - t0)
-    run.finish()
-    print_summary(console, result)
-    console.print(f"wrote {len(run.manifest['files']) + 1} files to [bold]{escape(str(run.path))}[/] "
-                  "(probe.json/.csv/.md, probe.png, manifest.json)")
-    return run.path, result
+        _write_files(run, result, phases)
+    return _finish(run, result, console)
 
 
 def print_summary(console: Console, result: ProbeResult) -> None:
