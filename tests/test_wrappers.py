@@ -323,3 +323,9 @@ def test_cli_unsupported_kinds_one_line(tmp_path, video_and_images, cmd):
     extra = ["--out", tmp_path / cmd] if cmd != "summary" else []
     r = run(cmd, video, *args, "--trust", "--size", 32, *extra)
     assert_one_line_error(r, 3, "video model")
+
+
+@pytest.mark.parametrize("name,kind", [("r3d_18", "video"), ("raft_small", "optical flow"),
+                                       ("quantized_mobilenet_v2", "quantization")])
+def test_torchvision_builders_fgscope_does_not_inspect_are_named(name, kind):
+    assert_one_line_error(run("summary", name, "--weights", "none"), 3, f"torchvision {kind} model")

@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from fgscope.errors import ModelLoadError
+from fgscope.errors import ModelLoadError, UnsupportedModelError
 from fgscope.models.types import (
     _LIST_HINT,
     IMAGENET_MEAN,
@@ -186,6 +186,14 @@ def native_preprocess(name: str, model: nn.Module) -> Preprocess | None:
 def _check_arch(name: str, spec: str) -> None:
     if name in _all_builder_names():
         return
+    for kind in ("video", "optical_flow", "quantization"):  # builders fgscope does not inspect
+        if name in torchvision.models.list_models(module=getattr(torchvision.models, kind)):
+            raise UnsupportedModelError(
+                f"{spec!r} is a torchvision {kind.replace('_', ' ')} model: fgscope inspects image "
+                "CNNs (one (N, 3, H, W) batch in, per-image maps out)",
+                "use an image model (a classifier, or a segmentation/detection builder); for a "
+                "quantized one, its float builder (e.g. mobilenet_v2)",
+            )
     close = difflib.get_close_matches(name, _all_builder_names(), n=3) + _timm_matches(name)
     did = f"did you mean {', '.join(close)}? " if close else ""
     raise ModelLoadError(
