@@ -144,7 +144,10 @@ def _twin(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
     """A call of the out-of-place twin of the in-place call `func(*args, **kwargs)`, or None."""
     kind = _WRITE_KIND.get(func)
     if kind is not None and kind not in (0, 1):  # a functional called with inplace=True
-        bound = kind.bind(*args, **kwargs)
+        try:
+            bound = kind.bind_partial(*args, **kwargs)
+        except TypeError:  # the call itself is malformed: let it fail as it would
+            return None
         bound.arguments["inplace"] = False
         return lambda: func(*bound.args, **bound.kwargs)
     name = getattr(func, "__name__", "")
