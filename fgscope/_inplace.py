@@ -103,15 +103,20 @@ class CopyOnWrite(TorchFunctionMode):
         self._recorder = recorder
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # Fast exit (this runs for every operation of the forward): nothing recorded is held
+        # by reference, or an operation that never writes in place and has no `out=`.
+        if not self._recorder.watched or (
+            _WRITE_KIND.get(func) == 0 and not (kwargs and "out" in kwargs)
+        ):
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
-        if self._recorder.watched:
-            targets = inplace_targets(func, args, kwargs)
-            if len(targets) == 1 and kwargs.get("out") is None:
-                swapped = self._out_of_place(func, args, kwargs, targets[0])
-                if swapped is not None:
-                    return swapped
-            for target in targets:
-                self._recorder.before_write(target)
+        targets = inplace_targets(func, args, kwargs)
+        if len(targets) == 1 and kwargs.get("out") is None:
+            swapped = self._out_of_place(func, args, kwargs, targets[0])
+            if swapped is not None:
+                return swapped
+        for target in targets:
+            self._recorder.before_write(target)
         return func(*args, **kwargs)
 
     def _out_of_place(self, func: Any, args: tuple, kwargs: dict, target: torch.Tensor) -> Any:

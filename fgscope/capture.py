@@ -370,8 +370,9 @@ def capture(
         wanted = set(plan.ops)
         state.ops = {e: [(n, el) for n, el in refs if n in wanted] for e, refs in by_event.items()}
         state.scope = OpScope(state.on_op)
-    training = {m: m.training for m in model.modules()}
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    training = {m: m.training for m in modules.values()}
+    requires_grad = {p: p.requires_grad for m in modules.values()
+                     for p in m._parameters.values() if p is not None}
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         handles.append(model.register_forward_pre_hook(lambda m, a: state.start_forward()))
@@ -383,7 +384,7 @@ def capture(
             )
         # Registered last so that it runs after a hook on the model itself.
         handles.append(model.register_forward_hook(lambda m, a, out: state.end_forward(out)))
-        if eval_mode:
+        if eval_mode and any(training.values()):  # eval() walks and sets every module
             model.eval()
         with contextlib.ExitStack() as stack:
             if not grad:
@@ -400,7 +401,8 @@ def capture(
         for h in handles:
             h.remove()
         for m, flag in training.items():
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
         for p, flag in requires_grad.items():
             if p.requires_grad != flag:
                 p.requires_grad_(flag)

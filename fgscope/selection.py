@@ -63,7 +63,7 @@ def _hookable(model: nn.Module) -> dict[str, nn.Module]:
     out: dict[str, nn.Module] = {}
     opaque: list[str] = []
     for name, m in model.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in opaque):
+        if opaque and any(name == p or name.startswith(p + ".") for p in opaque):
             continue
         if isinstance(m, torch.jit.ScriptModule):
             opaque.append(name)
@@ -72,14 +72,14 @@ def _hookable(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
+def leaf_modules(model: nn.Module, named: dict[str, nn.Module] | None = None,
+                 ) -> dict[str, nn.Module]:
     """Hookable modules without hookable children, by qualified name (the model itself if it
-    has none; its record is named `output`)."""
-    named = _hookable(model)
+    has none; its record is named `output`). `named`: `_hookable(model)`, when known."""
+    named = _hookable(model) if named is None else named
     hookable = {id(m) for m in named.values()}
-    leaves = {
-        n: m for n, m in named.items() if n and not any(id(c) in hookable for c in m.children())
-    }
+    leaves = {n: m for n, m in named.items()
+              if n and not any(id(c) in hookable for c in m._modules.values() if c is not None)}
     return leaves or {"": model}
 
 
@@ -324,7 +324,7 @@ def select_layers(
         if isinstance(item, EveryCall) and item in named:  # passed back from a selection
             wide.add(item)
         elif low == "all":
-            wide.update(leaf_modules(model))
+            wide.update(leaf_modules(model, named))
         elif low == "blocks":
             wide.update(block_modules(model))
         elif low == "stages":

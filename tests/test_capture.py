@@ -151,6 +151,19 @@ def test_hooks_removed_and_mixed_training_flags_restored(tiny):
     assert tiny.stem.training
 
 
+def test_one_module_left_training_in_an_eval_model_runs_in_eval(tiny):
+    """capture skips `eval()` only when no module trains: one training BatchNorm deep in an
+    eval model still runs in eval (its running statistics untouched), and is restored."""
+    tiny.eval()
+    tiny.block.bn1.train()
+    before = tiny.block.bn1.running_mean.clone()
+    with capture(tiny):
+        assert not any(m.training for m in tiny.modules())
+        tiny(torch.randn(2, 3, 16, 16))
+    assert torch.equal(tiny.block.bn1.running_mean, before)
+    assert tiny.block.bn1.training and not tiny.training
+
+
 def test_unknown_layer_fails_before_running(tiny):
     calls = []
     tiny.register_forward_pre_hook(lambda m, a: calls.append(1))
