@@ -2,7 +2,7 @@
 `fgscope.capture` against a plain forward, side by side in one run.
 
     .venv/bin/python bench/scale.py [--images 200] [--big 2000] [--reps 3]
-    .venv/bin/python bench/scale.py --images 20 --big 40 --reps 1 --capture-reps 1   # smoke run
+    .venv/bin/python bench/scale.py --images 20 --big 40 --reps 1 --capture-reps 1 --capture-rounds 1   # smoke
 
 Prints:
 1. `fgscope layers MODEL DIR --weights none --no-grids` (a subprocess each, as a user runs it)
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,7 +146,7 @@ def bench_layers(args: argparse.Namespace, work: Path) -> None:
 CAPTURE_CHILD = """
 import json, statistics, sys, time, torch, torchvision
 import fgscope  # the API only: no fgscope.cli import in this process
-arch, batch, size, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+arch, batch, size, reps, n_rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.manual_seed(0)
 model = torchvision.models.get_model(arch, weights=None).eval()
 x = torch.randn(batch, 3, size, size)
@@ -173,19 +174,21 @@ def captured():
     with fgscope.capture(model, "all", to="cpu") as rec:
         model(x)
     n = len(rec.records)
-def median(fn, k):
-    fn()
-    ts = []
-    for _ in range(k):
-        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 captured()  # the first capture applies whatever the API sets up for the process
-tp, tf, tc = [], [], []
-for _ in range(3):  # interleaved: drifts in machine load hit all alike
-    tp.append(median(plain, reps)); tf.append(median(floor, reps)); tc.append(median(captured, reps))
+for fn in (plain, floor):
+    fn()
+# Rounds of interleaved runs (plain, floor, capture, plain, ...): a drift in machine load hits
+# the three alike. Per round the median of each; the ratios are taken within a round.
+rounds = []
+for _ in range(n_rounds):
+    ts = {"plain": [], "floor": [], "capture": []}
+    for _ in range(reps):
+        for key, fn in (("plain", plain), ("floor", floor), ("capture", captured)):
+            t0 = time.perf_counter(); fn(); ts[key].append(time.perf_counter() - t0)
+    rounds.append({k: statistics.median(v) for k, v in ts.items()})
 import fgscope.device as d
 assert "fgscope.cli" not in sys.modules
-print(json.dumps({"plain": min(tp), "floor": min(tf), "capture": min(tc), "records": n, "tuned": d._TUNED}))
+print(json.dumps({"rounds": rounds, "records": n, "tuned": d._TUNED}))
 """
 
 
@@ -195,22 +198,34 @@ def bench_capture(args: argparse.Namespace) -> None:
 
     print(f"capture(model, 'all') kept on CPU vs plain forward, fresh process without the CLI, "
           f"torch {torch.__version__}, batch {args.capture_batch}, {args.capture_size}px, "
-          f"{args.threads} thread(s), median of {args.capture_reps} (best of 3 rounds)")
+          f"{args.threads} thread(s), {args.capture_rounds} rounds of {args.capture_reps} interleaved "
+          "runs each; ratios within a round, median over rounds [lowest-highest round]")
     for arch in args.capture_models:
         res = subprocess.run(
             [sys.executable, "-c", CAPTURE_CHILD, arch, str(args.capture_batch), str(args.capture_size),
-             str(args.capture_reps)],
+             str(args.capture_reps), str(args.capture_rounds)],
             capture_output=True, cwd=ROOT, check=False, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
         )
         if res.returncode != 0:
             raise SystemExit(f"capture child failed for {arch}:\n{res.stderr.decode()[-2000:]}")
         doc = json.loads(res.stdout.decode().strip().splitlines()[-1])
-        ratio = doc["capture"] / doc["plain"]
+        rounds = doc["rounds"]
         target = f" (target <= {targets[arch]}x)" if arch in targets else ""
-        print(f"  {arch:<13} plain {doc['plain'] * 1e3:8.1f} ms | bare keeping hooks (floor) "
-              f"{doc['floor'] * 1e3:8.1f} ms = {doc['floor'] / doc['plain']:4.2f}x | capture all "
-              f"({doc['records']} records) {doc['capture'] * 1e3:8.1f} ms = {ratio:4.2f}x{target}, "
-              f"{doc['capture'] / doc['floor']:4.2f}x the floor | allocator tuned by the API: {doc['tuned']}")
+        print(f"  {arch:<13} plain {_ms(rounds, 'plain')} | bare keeping hooks (floor) "
+              f"{_ms(rounds, 'floor')} = {_ratio(rounds, 'floor', 'plain')} | capture all "
+              f"({doc['records']} records) {_ms(rounds, 'capture')} = {_ratio(rounds, 'capture', 'plain')}"
+              f"{target}, {_ratio(rounds, 'capture', 'floor')} the floor | allocator tuned by the "
+              f"API: {doc['tuned']}")
+
+
+def _ratio(rounds: list[dict], num: str, den: str) -> str:
+    """Median over rounds of the ratio within each round, and its range."""
+    r = sorted(x[num] / x[den] for x in rounds)
+    return f"{statistics.median(r):4.2f}x [{r[0]:.2f}-{r[-1]:.2f}]"
+
+
+def _ms(rounds: list[dict], key: str) -> str:
+    return f"{statistics.median([x[key] for x in rounds]) * 1e3:7.1f} ms"
 
 
 def main() -> None:
@@ -226,7 +241,8 @@ def main() -> None:
     parser.add_argument("--capture-models", nargs="*", default=["mobilenet_v2", "resnet50"])
     parser.add_argument("--capture-batch", type=int, default=8)
     parser.add_argument("--capture-size", type=int, default=224)
-    parser.add_argument("--capture-reps", type=int, default=5)
+    parser.add_argument("--capture-reps", type=int, default=5, help="interleaved runs per round")
+    parser.add_argument("--capture-rounds", type=int, default=5)
     parser.add_argument("--work", type=Path, help="folder for images and runs (default: a temp dir)")
     parser.add_argument("--skip-layers", action="store_true")
     parser.add_argument("--skip-capture", action="store_true")

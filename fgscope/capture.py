@@ -37,7 +37,7 @@ import os
 import sys
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ from fgscope.errors import LayerNotFoundError, ModelRunError
 from fgscope.functional import OpScope, op_names
 from fgscope.names import RecordPlan, plan_records
 from fgscope.outputs import elements, first_tensor, replace_tensors
+from fgscope.records import LayerRecord, Recorder
 from fgscope.selection import LayerSpec, block_modules, leaf_modules, select_layers
 
 __all__ = [
@@ -62,72 +63,6 @@ __all__ = [
     "block_modules",
     "LayerSpec",
 ]
-
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """One call of one selected module, and (one element of) what it returned.
-
-    Attributes:
-        name: unique name within one forward: `module_name`, `:k` for the k-th call (k >= 2),
-            `[key]` per element of a tuple/list/dict/namedtuple output, e.g. `layer1.0.relu:2`.
-        module_name: qualified name of the module in the model (`""` for the model itself).
-        module_type: class name of the module, e.g. `Conv2d`.
-        call: 1-based index of this call of the module within the forward.
-        key: element key for structured outputs (`"0"`, `"out"`), None for a plain tensor.
-        step: 0-based index of the forward pass of the model within this capture (a batch).
-        index: 0-based position of this record in execution order within its forward.
-        tensor: the value, detached; `(N, C, H, W)` for feature maps, `(N, F)` for vectors
-            (channels-last and token layouts as produced: see `fgscope.layouts`).
-        op: for a functional operation (`fgscope.functional`), its name (`add`, `relu`,
-            `cat`); None for a module's output. `module_name` is then the module it ran in
-            and `module_type` the operation (`add()`).
-    """
-
-    name: str
-    module_name: str
-    module_type: str
-    call: int
-    key: str | None
-    step: int
-    index: int
-    tensor: torch.Tensor
-    op: str | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape without the batch dimension."""
-        return tuple(self.tensor.shape[1:])
-
-
-@dataclass
-class Recorder:
-    """What a `capture` collected. `records` grows with every forward inside the context."""
-
-    modules: dict[str, nn.Module]
-    records: list[LayerRecord] = field(default_factory=list)
-    steps: int = 0
-
-    def names(self) -> list[str]:
-        """Record names of the first forward, in execution order."""
-        return [r.name for r in self.records if r.step == 0]
-
-    def by_name(self) -> dict[str, list[LayerRecord]]:
-        """All records per name, one per forward (batch)."""
-        out: dict[str, list[LayerRecord]] = {}
-        for r in self.records:
-            out.setdefault(r.name, []).append(r)
-        return out
-
-    def stacked(self) -> dict[str, torch.Tensor]:
-        """One tensor per record name, batches concatenated along dim 0."""
-        return {
-            name: recs[0].tensor if len(recs) == 1 else torch.cat([r.tensor for r in recs])
-            for name, recs in self.by_name().items()
-        }
-
-    def clear(self) -> None:
-        self.records.clear()
 
 
 # --- hooks -------------------------------------------------------------------------------
@@ -159,6 +94,7 @@ class _Hooks:
         self.pending_cuda = False
         # storage data_ptr -> indices into recorder.records of records held by reference
         self.watched: dict[int, list[int]] = {}
+        self.alone = False  # copy-on-write is the only TorchFunctionMode of this forward
 
     def start_forward(self) -> None:
         self.produced: dict[str, list[str]] = {}  # module -> record names of this forward
@@ -166,6 +102,9 @@ class _Hooks:
             self.scope.start()
         self.step += 1
         self.recorder.steps = self.step + 1
+        # Copy-on-write is the only mode: what recording runs (detach, numel, storage) is not
+        # the model's, so it skips the mode. Any other mode (a tracer) sees it as before.
+        self.alone = self.on_record is None and torch._C._len_torch_function_stack() == 1
         self.calls.clear()
         self.index = 0
 
@@ -211,6 +150,13 @@ class _Hooks:
         self.calls[module_name] = call
         label = module_name or "output"  # the model itself (a leaf-only or TorchScript model)
         base = label if call == 1 else f"{label}:{call}"
+        if type(output) is torch.Tensor and self.scope is None and not self.keep_graph:
+            # The common case, without the general path's generator and context.
+            self.produced.setdefault(module_name, []).append(base)
+            if self.plan.wants(module_name, call, None):
+                with torch._C.DisableTorchFunction() if self.alone else contextlib.nullcontext():
+                    self._record_module(base, module_name, module, call, None, output)
+            return None
         handed: dict[int, torch.Tensor] = {}
         with self.own_ops():
             for key, t in elements(output):
@@ -218,18 +164,22 @@ class _Hooks:
                 self.produced.setdefault(module_name, []).append(name)
                 if not self.plan.wants(module_name, call, key):
                     continue
-                if t.numel() == 0:
-                    raise ModelRunError(
-                        f"layer {name} returned an empty tensor of shape {tuple(t.shape)} (a "
-                        "detector's heads when it finds no boxes); fgscope measures per-image maps",
-                        hint="select the backbone's layers (--layers stages, or 'backbone.**')",
-                    )
-                self.record(name, module_name, type(module).__name__, call, key, t)
+                self._record_module(name, module_name, module, call, key, t)
                 if self.keep_graph and t.requires_grad:
                     handed[id(t)] = t.clone()
             if handed:
                 return replace_tensors(output, handed)
         return None
+
+    def _record_module(self, name: str, module_name: str, module: nn.Module, call: int,
+                       key: str | None, t: torch.Tensor) -> None:
+        if t.numel() == 0:
+            raise ModelRunError(
+                f"layer {name} returned an empty tensor of shape {tuple(t.shape)} (a "
+                "detector's heads when it finds no boxes); fgscope measures per-image maps",
+                hint="select the backbone's layers (--layers stages, or 'backbone.**')",
+            )
+        self.record(name, module_name, type(module).__name__, call, key, t)
 
     def _nothing_recorded(self) -> None:
         """The first forward recorded nothing: the selected modules never ran, or returned no

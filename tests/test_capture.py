@@ -385,3 +385,89 @@ def test_inplace_writes_keep_records_and_the_models_semantics(monkeypatch):
     # relu (after bn), w += 1 (after conv2:2), w.mul_ and relu_ ran out of place; the ReLU6
     # write into z, which `view` aliases, was copied instead
     assert swaps.count(True) >= 2 and swaps.count(False) >= 1, swaps
+
+
+class _Functional(nn.Module):
+    """A recorded conv output written in place by a Python-level functional, the `inplace`
+    flag passed as the call passes it."""
+
+    def __init__(self, call) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.call = call
+
+    def forward(self, x):
+        y = self.conv(x)
+        out = self.call(y)
+        return self.conv2(y) + out.sum()
+
+
+_F = torch.nn.functional
+
+
+@pytest.mark.parametrize("call", [
+    lambda y: _F.relu(y, True),
+    lambda y: _F.relu(y, inplace=True),
+    lambda y: _F.relu(y),  # default: out of place, nothing to watch
+    lambda y: _F.hardtanh(y, -0.1, 0.1, True),
+    lambda y: _F.hardtanh(y, min_val=-0.1, max_val=0.1, inplace=True),
+    lambda y: _F.leaky_relu(y, 0.2, True),
+    lambda y: _F.threshold(y, 0.05, -1.0, True),
+    lambda y: _F.dropout(y, 0.5, False, True),  # eval: in place, a no-op on the values
+    lambda y: _F.relu(input=y, inplace=True),
+], ids=["relu-pos", "relu-kw", "relu-default", "hardtanh-pos", "hardtanh-kw", "leaky-pos",
+        "threshold-pos", "dropout-pos", "relu-all-kw"])
+def test_functional_inplace_flag_read_however_it_is_passed(call):
+    torch.manual_seed(0)
+    model = _Functional(call).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    want = reference_records(model, x, leaf_modules(model))
+    with capture(model, "all") as rec:
+        out = model(x)
+    assert torch.equal(out, expected)
+    got = {r.name: r.tensor for r in rec.records}
+    for name, t in want:
+        assert torch.equal(got[name], t), name
+    assert (got["conv"] < 0).any()  # the write would have shown in the record
+
+
+def test_capture_inside_another_torch_function_mode_lets_it_see_every_op(tiny, tiny_input):
+    # With copy-on-write alone, recording's own ops skip the mode; another active mode (a
+    # geometry tracer, a user's profiler) still sees them, and the records stay exact.
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", ""))
+            return func(*args, **(kwargs or {}))
+
+    want = reference_records(tiny, tiny_input, leaf_modules(tiny))
+    counter = Count()
+    with counter, capture(tiny, "all") as rec:
+        tiny(tiny_input)
+    assert len(rec.records) == len(want)
+    for (name, t), r in zip(want, rec.records, strict=True):
+        assert r.name == name and torch.equal(r.tensor, t), name
+    assert counter.names.count("detach") == len(want)  # one per record, seen by the outer mode
+
+
+def test_inplace_targets_read_the_flag_positional_or_keyword():
+    # torch's functionals hand `inplace` to the mode as a keyword; a user's function
+    # overridable through torch function may pass it by position
+    from fgscope._inplace import inplace_targets
+
+    y = torch.randn(3)
+    assert inplace_targets(_F.relu, (y, True), {}) == [y]
+    assert inplace_targets(_F.relu, (y,), {"inplace": True}) == [y]
+    assert inplace_targets(_F.relu, (), {"input": y, "inplace": True}) == [y]
+    assert inplace_targets(_F.relu, (y, False), {}) == []
+    assert inplace_targets(_F.relu, (y,), {}) == []
+    assert inplace_targets(_F.hardtanh, (y, 0.0, 6.0, True), {}) == [y]
+    assert inplace_targets(_F.hardtanh, (y, 0.0, 6.0), {"inplace": True}) == [y]
