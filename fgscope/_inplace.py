@@ -1,22 +1,34 @@
-"""Copy-on-write for recorded tensors: watch the in-place operations of a forward.
+"""Keeping recorded tensors exact while the model goes on writing into its tensors.
 
 PyTorch models overwrite tensors right after producing them (`ReLU(inplace=True)` after
-BatchNorm, `out += identity`, `x[...] = v`, `torch._foreach_add_(tensors, ...)`). `fgscope.capture` keeps records by reference
-while nothing writes into them; this `TorchFunctionMode` sees every operation of the forward
-and asks the recorder to copy the records that share a storage with the tensor an operation
-is about to write into (views included), just before the write.
+BatchNorm, `out += identity`, `x[...] = v`, `torch._foreach_add_(tensors, ...)`, and writes
+inside TorchScript or C++ code that no Python hook sees). Two mechanisms keep records exact:
+
+- `snapshot` (inference mode, capture's default): a record is a copy-on-write clone of the
+  output (`torch._lazy_clone`, c10's COW storage). It shares the output's memory, so nothing
+  is copied while nothing writes; any later write into the output's storage, through any
+  alias and from any code (Python, TorchScript, C++), first gives the writer its own copy.
+  The record owns a storage that nothing else references, so nothing can change it.
+  `InplaceModules` spares that copy for the commonest write, an in-place activation module
+  (`ReLU6(inplace=True)` after BatchNorm): it runs out of place and the model's tensor is
+  pointed at the result (`Tensor.set_`), one pass over the data instead of a copy plus a write.
+- `CopyOnWrite` (grad mode, where records must stay on the autograd graph): a
+  `TorchFunctionMode` watches the in-place operations of the forward and copies the records
+  that share a storage with the tensor an operation is about to write into (views included),
+  just before the write.
 """
 
 from __future__ import annotations
 
 import inspect as _inspect
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CopyOnWrite", "inplace_targets", "storage_key"]
+__all__ = ["CopyOnWrite", "InplaceModules", "inplace_targets", "snapshot", "storage_key"]
 
 
 class _Watcher(Protocol):
@@ -57,13 +69,6 @@ class _InplaceArg:
         if flag is not True:
             return None
         return args[0] if args else kwargs.get(self.first)
-
-    def out_of_place(self, func: Any, args: tuple, kwargs: dict) -> Callable[[], Any]:
-        """The same call with `inplace=False`."""
-        if self._positional(args):
-            args = args[:self.pos] + (False,) + args[self.pos + 1:]
-            return lambda: func(*args, **kwargs)
-        return lambda: func(*args, **{**kwargs, "inplace": False})
 
 
 def _write_kind(func: Any) -> Any:
@@ -112,16 +117,10 @@ def storage_key(t: torch.Tensor) -> int | None:
 
 
 class CopyOnWrite(TorchFunctionMode):
-    """Keeps recorded tensors as they were produced when an operation writes into them.
-
-    Under `torch.inference_mode()` (capture's default) an in-place write into a tensor whose
-    storage only the model's tensor and the records share is run out of place instead, and
-    the model's tensor is pointed at the result (`Tensor.set_`): the records keep the old
-    storage, the model sees the new values in the same tensor object, and no copy is made
-    (one pass over the data instead of a copy plus the write). Anything else (views or other
-    aliases of the storage, `out=` and `x[...] = v` writes, list ops, a result of another
-    shape or dtype, grad mode) copies the records just before the write, as before.
-    """
+    """Keeps recorded tensors as they were produced when an operation writes into them (grad
+    mode: records held by reference stay on the autograd graph): the records that share a
+    storage with the tensor an operation is about to write into are copied just before the
+    write."""
 
     def __init__(self, recorder: _Watcher) -> None:
         super().__init__()
@@ -135,52 +134,94 @@ class CopyOnWrite(TorchFunctionMode):
         ):
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
-        targets = inplace_targets(func, args, kwargs)
-        if len(targets) == 1 and kwargs.get("out") is None:
-            swapped = self._out_of_place(func, args, kwargs, targets[0])
-            if swapped is not None:
-                return swapped
-        for target in targets:
+        for target in inplace_targets(func, args, kwargs):
             self._recorder.before_write(target)
         return func(*args, **kwargs)
 
-    def _out_of_place(self, func: Any, args: tuple, kwargs: dict, target: torch.Tensor) -> Any:
-        """`target` holding `func`'s result without writing into its old storage, or None."""
-        key = storage_key(target)
-        held = self._recorder.watched.get(key) if key is not None else None
-        if not held or not torch.is_inference_mode_enabled() or target.requires_grad:
+
+# --- snapshots (inference mode) ------------------------------------------------------------
+
+_lazy_clone = getattr(torch, "_lazy_clone", None)
+_is_cow = getattr(torch._C, "_is_cow_tensor", None)
+_use_count = torch._C._storage_Use_Count
+
+
+def snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` that no later write into `t` (or any alias of its storage) changes.
+
+    Copy-on-write where torch supports it for `t`'s storage (no data is copied now; a later
+    writer into the shared memory copies first), else a real copy (`clone`: storages that
+    wrap foreign memory, such as `torch.from_numpy`, tensors without storage, and tensor
+    types COW does not cover).
+    """
+    if t.requires_grad:
+        t = t.detach()
+    if _lazy_clone is not None and type(t) is torch.Tensor and t.layout == torch.strided:
+        try:
+            return _lazy_clone(t)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return t.clone()
+
+
+# torch.nn activations whose `inplace=True` forward writes into the input and returns it, and
+# whose `inplace=False` forward computes the same values into a new tensor. Exact types only:
+# a subclass may override forward.
+_INPLACE_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Threshold,
+)
+
+
+class InplaceModules:
+    """Runs in-place activation modules out of place when they would write into a snapshot.
+
+    Without it, `ReLU6(inplace=True)` after a recorded BatchNorm makes copy-on-write copy the
+    BatchNorm output, then clamps the copy in place (two passes over the map). Here, when the
+    module's input shares its memory with a record and nothing else aliases the input's
+    storage, the module runs with `inplace=False` for that call and the input tensor is then
+    pointed at the result (`set_`): every Python reference to the input sees the new values,
+    exactly as after a real in-place write, and the module returns that tensor, as in place.
+    Flags are restored after each call and, whatever happens, by `restore()`.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self.modules = [m for m in modules
+                        if type(m) in _INPLACE_ACTIVATIONS and m.__dict__.get("inplace") is True]
+        self.pending: dict[nn.Module, torch.Tensor] = {}
+
+    def register(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks on every in-place activation module; register before the recording hooks so
+        that they see (and record) the tensor the model goes on with."""
+        if _is_cow is None:
+            return []
+        handles = []
+        for m in self.modules:
+            handles.append(m.register_forward_pre_hook(self._before))
+            handles.append(m.register_forward_hook(self._after))
+        return handles
+
+    def _before(self, module: nn.Module, args: tuple) -> None:
+        x = args[0] if len(args) == 1 else None
+        # 2 users of the storage: the input tensor and the temporary from untyped_storage()
+        if (type(x) is torch.Tensor and _is_cow(x) and not x.requires_grad
+                and torch.is_inference_mode_enabled() and _use_count(x.untyped_storage()._cdata) == 2):
+            module.__dict__["inplace"] = False
+            self.pending[module] = x
+
+    def _after(self, module: nn.Module, args: tuple, out: Any) -> Any:
+        x = self.pending.pop(module, None)
+        if x is None:
             return None
-        twin = _twin(func, args, kwargs)
-        if twin is None:
+        module.__dict__["inplace"] = True
+        if (type(out) is not torch.Tensor or out is x or out.shape != x.shape
+                or out.dtype != x.dtype or out.device != x.device):
             return None
-        # the model's tensor, the records' tensors and the temporary storage object: no alias
-        if torch._C._storage_Use_Count(target.untyped_storage()._cdata) != 2 + len(held):
-            return None
-        result = twin()
-        if (not isinstance(result, torch.Tensor) or result.shape != target.shape
-                or result.dtype != target.dtype or result.device != target.device):
-            return None  # the write runs in place after a copy (the result is discarded)
-        self._recorder.watched.pop(key)  # the records alone hold the old storage now
-        target.set_(result)
-        return target
+        x.set_(out)
+        return x
 
-
-# in-place dunder -> its out-of-place twin on Tensor
-_DUNDER_TWINS = {f"__i{op}__": f"__{op}__" for op in
-                 "add sub mul matmul truediv floordiv mod pow lshift rshift and xor or".split()}
-
-
-def _twin(func: Any, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
-    """A call of the out-of-place twin of the in-place call `func(*args, **kwargs)`, or None."""
-    kind = _WRITE_KIND.get(func)
-    if isinstance(kind, _InplaceArg):  # a functional called with inplace=True
-        return kind.out_of_place(func, args, kwargs)
-    name = getattr(func, "__name__", "")
-    if name in _DUNDER_TWINS:
-        twin = getattr(torch.Tensor, _DUNDER_TWINS[name], None)
-    elif name.endswith("_") and not name.startswith("_"):
-        twin = next((getattr(space, name[:-1], None) for space in (torch.Tensor, torch)
-                     if getattr(space, name, None) is func), None)
-    else:
-        twin = None
-    return None if twin is None else lambda: twin(*args, **kwargs)
+    def restore(self) -> None:
+        """Every flag back to `inplace=True` (a forward that raised leaves some flipped)."""
+        for m in self.pending:
+            m.__dict__["inplace"] = True
+        self.pending.clear()

@@ -15,11 +15,13 @@ in `fgscope.selection`, before anything runs; its names are re-exported here.
 Correctness guarantees, each covered by tests:
 - a module called twice in one forward gives two records, `relu` and `relu:2`;
 - a record holds the value at the moment the module produced it. Later in-place operations
-  (`ReLU(inplace=True)`, `out += identity`, `x[...] = v`) do not change it: while recording,
-  a `TorchFunctionMode` watches in-place operations and copies a recorded tensor just before
-  anything writes into its storage (copy-on-write), so unmodified records cost no copy. CUDA
-  records bound for the CPU are copied when produced (pinned memory, non-blocking, stream
-  ordered), so they need no watching;
+  (`ReLU(inplace=True)`, `out += identity`, `x[...] = v`, writes inside TorchScript or C++
+  code) do not change it: a record is a copy-on-write snapshot of the output
+  (`fgscope._inplace.snapshot`), so an output nothing writes into costs no copy, and a write
+  into it copies the writer's side first. In grad mode, where records stay on the autograd
+  graph, a `TorchFunctionMode` watches in-place operations and copies a recorded tensor just
+  before anything writes into its storage. CUDA records bound for the CPU are copied when
+  produced (pinned memory, non-blocking, stream ordered), so they need no watching;
 - tuple, list, dict and namedtuple outputs are recorded element by element (`name[0]`,
   `name[out]`, `name[field]`);
 - every record name is also a selection that gives back exactly that record (`relu` is a
@@ -43,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fgscope._inplace import CopyOnWrite, storage_key
+from fgscope._inplace import CopyOnWrite, InplaceModules, snapshot, storage_key
 from fgscope.device import tune_host_allocator
 from fgscope.errors import LayerNotFoundError, ModelRunError
 from fgscope.functional import OpScope, op_names
@@ -92,9 +94,10 @@ class _Hooks:
         self.step = -1
         self.produced: dict[str, list[str]] = {}
         self.pending_cuda = False
-        # storage data_ptr -> indices into recorder.records of records held by reference
+        # kept records are copy-on-write snapshots; in grad mode they are held by reference
+        # and watched (storage data_ptr -> indices into recorder.records)
+        self.snapshots = on_record is None and not keep_graph
         self.watched: dict[int, list[int]] = {}
-        self.alone = False  # copy-on-write is the only TorchFunctionMode of this forward
 
     def start_forward(self) -> None:
         self.produced: dict[str, list[str]] = {}  # module -> record names of this forward
@@ -102,9 +105,6 @@ class _Hooks:
             self.scope.start()
         self.step += 1
         self.recorder.steps = self.step + 1
-        # Copy-on-write is the only mode: what recording runs (detach, numel, storage) is not
-        # the model's, so it skips the mode. Any other mode (a tracer) sees it as before.
-        self.alone = self.on_record is None and torch._C._len_torch_function_stack() == 1
         self.calls.clear()
         self.index = 0
 
@@ -115,9 +115,11 @@ class _Hooks:
         if self.pending_cuda:
             torch.cuda.synchronize()
             self.pending_cuda = False
-        # The model's output is the caller's to modify: detach records that share its storage.
-        for _, t in elements(output):
-            self.before_write(t)
+        # The model's output is the caller's to modify: detach records that share its storage
+        # (snapshots share none).
+        if self.watched:
+            for _, t in elements(output):
+                self.before_write(t)
 
     def before_write(self, target: torch.Tensor) -> None:
         key = storage_key(target)
@@ -129,10 +131,12 @@ class _Hooks:
 
     def _place(self, t: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The tensor to keep and whether it is still shared with the model (needs watching)."""
-        t = t if self.keep_graph else t.detach()
         dest = self.to
         if dest is None or dest == t.device or (dest.type == t.device.type and dest.index is None):
-            return t, True
+            if self.snapshots:
+                return snapshot(t), False
+            return (t if self.keep_graph else t.detach()), True
+        t = t if self.keep_graph else t.detach()
         if t.device.type == "cuda" and dest.type == "cpu" and not self.keep_graph:
             # Stream-ordered copy: it reads the value before any later kernel can change it.
             if self.on_record is not None:
@@ -154,8 +158,7 @@ class _Hooks:
             # The common case, without the general path's generator and context.
             self.produced.setdefault(module_name, []).append(base)
             if self.plan.wants(module_name, call, None):
-                with torch._C.DisableTorchFunction() if self.alone else contextlib.nullcontext():
-                    self._record_module(base, module_name, module, call, None, output)
+                self._record_module(base, module_name, module, call, None, output)
             return None
         handed: dict[int, torch.Tensor] = {}
         with self.own_ops():
@@ -324,7 +327,10 @@ def capture(
     requires_grad = {p: p.requires_grad for m in modules.values()
                      for p in m._parameters.values() if p is not None}
     handles: list[torch.utils.hooks.RemovableHandle] = []
+    inplace = InplaceModules(modules.values() if state.snapshots else ())
     try:
+        # First, so that the recording hooks see the tensor the model goes on with.
+        handles.extend(inplace.register())
         handles.append(model.register_forward_pre_hook(lambda m, a: state.start_forward()))
         for name in plan.modules:
             handles.append(
@@ -339,7 +345,7 @@ def capture(
         with contextlib.ExitStack() as stack:
             if not grad:
                 stack.enter_context(torch.inference_mode())
-            if on_record is None:
+            if on_record is None and grad:
                 stack.enter_context(CopyOnWrite(state))
             if state.scope is not None:
                 stack.enter_context(state.scope.hooked(model))
@@ -350,6 +356,7 @@ def capture(
     finally:
         for h in handles:
             h.remove()
+        inplace.restore()
         for m, flag in training.items():
             if m.training != flag:
                 m.training = flag

@@ -353,20 +353,22 @@ class _Writes(nn.Module):
 
 
 def test_inplace_writes_keep_records_and_the_models_semantics(monkeypatch):
-    # Under inference mode a write into a recorded tensor runs out of place and the model's
-    # tensor is pointed at the result (no copy); with an alias of the storage it is copied.
-    # Either way the records equal clones taken in the hooks, and the model's output is the same.
+    # Records are copy-on-write snapshots: every write below copies the writer's side, except
+    # the in-place activation modules, which run out of place when nothing else aliases their
+    # input (no copy) and point the model's tensor at the result. Either way the records
+    # equal clones taken in the hooks, and the model's output is the same.
     import fgscope._inplace as ip
 
-    swaps: list[bool] = []
-    real = ip.CopyOnWrite._out_of_place
+    flipped: list[str] = []
+    real = ip.InplaceModules._after
 
-    def spy(self, *a):
-        got = real(self, *a)
-        swaps.append(got is not None)
+    def spy(self, module, args, out):
+        got = real(self, module, args, out)
+        if got is not None:
+            flipped.append(type(module).__name__)
         return got
 
-    monkeypatch.setattr(ip.CopyOnWrite, "_out_of_place", spy)
+    monkeypatch.setattr(ip.InplaceModules, "_after", spy)
     torch.manual_seed(0)
     model = _Writes().eval()
     model.bn.running_mean.normal_()
@@ -382,9 +384,81 @@ def test_inplace_writes_keep_records_and_the_models_semantics(monkeypatch):
     for name, t in want:
         assert torch.equal(got[name], t), name
     assert (got["bn"] < 0).any() and ((got["conv2"] > 6).any() or (got["conv2"] < 0).any())
-    # relu (after bn), w += 1 (after conv2:2), w.mul_ and relu_ ran out of place; the ReLU6
-    # write into z, which `view` aliases, was copied instead
-    assert swaps.count(True) >= 2 and swaps.count(False) >= 1, swaps
+    # relu (after bn) ran out of place; the ReLU6 write into z, which `view` aliases, was a
+    # copy-on-write write, as were w += 1, w.mul_ and relu_
+    assert flipped == ["ReLU"]
+    assert model.relu.inplace and model.act.inplace
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "grad"])
+def test_writes_no_python_hook_sees_leave_records_exact(grad):
+    """A TorchScript submodule writes in place into a recorded output: no TorchFunctionMode
+    sees that write (it runs in the TorchScript interpreter); copy-on-write snapshots keep
+    the record exact all the same."""
+
+    class Act(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x.relu_()
+            return x * 2
+
+    class WithScript(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = torch.jit.script(Act())
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = WithScript().eval()
+    x = torch.randn(2, 3, 8, 8)
+    want = dict(reference_records(model, x, ["conv", "fc"]))
+    assert (want["conv"] < 0).any()
+    with capture(model, "conv,fc", grad=grad) as rec:
+        model(x)
+    got = {r.name: r.tensor.detach() for r in rec.records}
+    # (grad mode hands the model a copy of each recorded output that requires grad)
+    assert torch.equal(got["conv"], want["conv"]) and torch.equal(got["fc"], want["fc"])
+
+
+def test_inplace_flags_restored_when_the_forward_raises(tiny):
+    class Boom(RuntimeError):
+        pass
+
+    def explode(m, a, o):
+        raise Boom("after the in-place ReLU ran out of place")
+
+    h = tiny.stem[2].register_forward_hook(explode)  # runs before capture's own hooks
+    with pytest.raises(Boom):
+        with capture(tiny, "all"):
+            tiny(torch.randn(1, 3, 16, 16))
+    h.remove()
+    assert _no_hooks(tiny)
+    assert tiny.stem[2].inplace is True and tiny.block.relu.inplace is True
+
+
+def test_snapshot_copies_what_copy_on_write_cannot_share():
+    import numpy as np
+
+    from fgscope._inplace import snapshot
+
+    arr = np.arange(6, dtype=np.float32)
+    t = torch.from_numpy(arr)  # memory owned by numpy: torch cannot make it copy-on-write
+    s = snapshot(t)
+    arr[:] = -1
+    t.add_(1)
+    assert torch.equal(s, torch.arange(6, dtype=torch.float32))
+    with torch.inference_mode():
+        u = torch.randn(4, 5)[:, 1:3]  # a view: the snapshot keeps its geometry
+        v = snapshot(u)
+        ref = u.clone()
+        u.zero_()
+    assert torch.equal(v, ref) and v.shape == (4, 2)
+    w = torch.randn(3, requires_grad=True)
+    assert not snapshot(w).requires_grad
 
 
 class _Functional(nn.Module):
@@ -435,8 +509,8 @@ def test_functional_inplace_flag_read_however_it_is_passed(call):
 
 
 def test_capture_inside_another_torch_function_mode_lets_it_see_every_op(tiny, tiny_input):
-    # With copy-on-write alone, recording's own ops skip the mode; another active mode (a
-    # geometry tracer, a user's profiler) still sees them, and the records stay exact.
+    # Another active mode (a geometry tracer, a user's profiler) sees recording's own ops,
+    # and the records stay exact.
     from torch.overrides import TorchFunctionMode
 
     class Count(TorchFunctionMode):
@@ -455,7 +529,7 @@ def test_capture_inside_another_torch_function_mode_lets_it_see_every_op(tiny, t
     assert len(rec.records) == len(want)
     for (name, t), r in zip(want, rec.records, strict=True):
         assert r.name == name and torch.equal(r.tensor, t), name
-    assert counter.names.count("detach") == len(want)  # one per record, seen by the outer mode
+    assert counter.names.count("_lazy_clone") == len(want)  # one snapshot per record, seen
 
 
 def test_inplace_targets_read_the_flag_positional_or_keyword():
