@@ -177,13 +177,18 @@ def captured():
 captured()  # the first capture applies whatever the API sets up for the process
 for fn in (plain, floor):
     fn()
-# Rounds of interleaved runs (plain, floor, capture, plain, ...): a drift in machine load hits
-# the three alike. Per round the median of each; the ratios are taken within a round.
+# Rounds of interleaved runs, in a shuffled order each time (what ran just before changes the
+# state of the caches and the allocator): a drift in machine load hits the three alike. Per
+# round the median of each; the ratios are taken within a round.
+import random
+order = [("plain", plain), ("floor", floor), ("capture", captured)]
+shuffle = random.Random(0).shuffle
 rounds = []
 for _ in range(n_rounds):
     ts = {"plain": [], "floor": [], "capture": []}
     for _ in range(reps):
-        for key, fn in (("plain", plain), ("floor", floor), ("capture", captured)):
+        shuffle(order)
+        for key, fn in order:
             t0 = time.perf_counter(); fn(); ts[key].append(time.perf_counter() - t0)
     rounds.append({k: statistics.median(v) for k, v in ts.items()})
 import fgscope.device as d

@@ -90,6 +90,7 @@ class _Hooks:
         self.on_record = on_record
         self.keep_graph = keep_graph
         self.calls: dict[str, int] = {}
+        self.produced: dict[str, list[str]] = {}  # module -> record names of this forward
         self.index = 0
         self.step = -1
         self.produced: dict[str, list[str]] = {}
@@ -100,7 +101,7 @@ class _Hooks:
         self.watched: dict[int, list[int]] = {}
 
     def start_forward(self) -> None:
-        self.produced: dict[str, list[str]] = {}  # module -> record names of this forward
+        self.produced.clear()
         if self.scope is not None:
             self.scope.start()
         self.step += 1
@@ -146,6 +147,36 @@ class _Hooks:
             self.pending_cuda = True
             return buf, False
         return t.to(dest), False
+
+    def hook_for(self, module_name: str, module: nn.Module) -> Callable[[nn.Module, Any, Any], Any]:
+        """The forward hook of one selected module. A plain tensor output kept as a snapshot
+        on its own device (what `capture(model)` does with every call on the CPU) takes a
+        lean path: this runs for every module call of every forward."""
+        general = self.hook
+        if not self.snapshots or self.scope is not None:
+            return lambda m, a, out: general(module_name, m, out)
+        calls, produced, plan, recorder = self.calls, self.produced, self.plan, self.recorder
+        label, kind = module_name or "output", type(module).__name__
+        every = plan.modules.get(module_name) is None
+        anywhere = self.to is None
+        to_cpu = self.to == torch.device("cpu")
+
+        def hook(m: nn.Module, args: Any, out: Any) -> Any:
+            if type(out) is not torch.Tensor or not (anywhere or (to_cpu and out.is_cpu)):
+                return general(module_name, m, out)
+            call = calls.get(module_name, 0) + 1
+            calls[module_name] = call
+            name = label if call == 1 else f"{label}:{call}"
+            produced.setdefault(module_name, []).append(name)
+            if every or plan.wants(module_name, call, None):
+                if out.numel() == 0:
+                    self._record_module(name, module_name, m, call, None, out)  # raises
+                recorder.records.append(LayerRecord(
+                    name, module_name, kind, call, None, max(self.step, 0), self.index, snapshot(out)))
+                self.index += 1
+            return None
+
+        return hook
 
     def hook(self, module_name: str, module: nn.Module, output: Any) -> Any:
         """Record the wanted elements of one module call; in grad mode, return the output
@@ -304,6 +335,14 @@ def capture(
     Yields:
         A `Recorder` whose `records` fill as the model runs.
 
+    Exactness without copies: a kept record shares the output's memory copy-on-write
+    (`fgscope._inplace.snapshot`); what the model later writes into that memory it writes into
+    a copy of its own. An in-place activation module (`nn.ReLU(inplace=True)`, `ReLU6`,
+    `Hardswish`, ...) whose input is a record runs with `inplace=False` for that one call and
+    the input tensor is pointed at the result (`Tensor.set_`), so the model sees exactly what
+    an in-place write gives; the flag is restored after the call (and on exit, whatever
+    happens). Another thread calling the same module at that moment would see the flag off.
+
     Speed: the first call tunes glibc's allocator as the CLI does (`device.tune_host_allocator`:
     for the whole process, freed blocks up to 1 GiB stay resident for reuse instead of going back
     to the kernel); Linux only; `FGSCOPE_TUNE_ALLOCATOR=0` keeps glibc's defaults.
@@ -313,8 +352,8 @@ def capture(
     """
     if os.environ.get("FGSCOPE_TUNE_ALLOCATOR", "1").strip() != "0":
         tune_host_allocator()  # once per process, idempotent: the CLI's speed from the API
-    selected = select_layers(model, layers, example_input)
     modules = dict(model.named_modules())
+    selected = select_layers(model, layers, example_input, modules=modules)
     plan = plan_records(selected, modules)
     recorder = Recorder(modules=selected)
     state = _Hooks(recorder, to, on_record, keep_graph=grad, plan=plan)
@@ -333,11 +372,7 @@ def capture(
         handles.extend(inplace.register())
         handles.append(model.register_forward_pre_hook(lambda m, a: state.start_forward()))
         for name in plan.modules:
-            handles.append(
-                modules[name].register_forward_hook(
-                    lambda m, a, out, _name=name: state.hook(_name, m, out)
-                )
-            )
+            handles.append(modules[name].register_forward_hook(state.hook_for(name, modules[name])))
         # Registered last so that it runs after a hook on the model itself.
         handles.append(model.register_forward_hook(lambda m, a, out: state.end_forward(out)))
         if eval_mode and any(training.values()):  # eval() walks and sets every module

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -57,12 +57,12 @@ one string comma-separated or a sequence of strings."""
 _LIST_HINT = "run `fgscope summary MODEL --layers all` to list every layer name"
 
 
-def _hookable(model: nn.Module) -> dict[str, nn.Module]:
-    """Named modules that accept forward hooks: everything but ScriptModules (torch refuses
-    hooks on them) and what lies inside them."""
+def _hookable(modules: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """Of `dict(model.named_modules())`, the modules that accept forward hooks: everything but
+    ScriptModules (torch refuses hooks on them) and what lies inside them."""
     out: dict[str, nn.Module] = {}
     opaque: list[str] = []
-    for name, m in model.named_modules():
+    for name, m in modules.items():
         if opaque and any(name == p or name.startswith(p + ".") for p in opaque):
             continue
         if isinstance(m, torch.jit.ScriptModule):
@@ -76,7 +76,7 @@ def leaf_modules(model: nn.Module, named: dict[str, nn.Module] | None = None,
                  ) -> dict[str, nn.Module]:
     """Hookable modules without hookable children, by qualified name (the model itself if it
     has none; its record is named `output`). `named`: `_hookable(model)`, when known."""
-    named = _hookable(model) if named is None else named
+    named = _hookable(dict(model.named_modules())) if named is None else named
     hookable = {id(m) for m in named.values()}
     leaves = {n: m for n, m in named.items()
               if n and not any(id(c) in hookable for c in m._modules.values() if c is not None)}
@@ -292,15 +292,15 @@ def _in_model_order(
     return out
 
 
-def select_layers(
-    model: nn.Module, layers: LayerSpec = "all", example_input: torch.Tensor | None = None
-) -> dict[str, nn.Module]:
+def select_layers(model: nn.Module, layers: LayerSpec = "all", example_input: torch.Tensor | None = None,
+                  *, modules: Mapping[str, nn.Module] | None = None) -> dict[str, nn.Module]:
     """Resolve a layer selection to modules, by qualified name, before anything runs.
 
     Args:
         model: the model.
         layers: see `LayerSpec`. `stages` needs `example_input` (one dummy forward).
         example_input: an input batch, only used for `stages`.
+        modules: `dict(model.named_modules())`, when the caller has it (one walk, not three).
 
     Returns:
         Selected modules in the model's definition order, by selection name: a module's
@@ -313,8 +313,8 @@ def select_layers(
         LayerNotFoundError: a name or pattern matches no module; close matches are listed.
         UnsupportedModelError: a video or quantized model (`fgscope.wrappers.check_supported`).
     """
-    check_supported(model)  # video and quantized models: one line saying so
-    named = _hookable(model)
+    check_supported(model, modules := dict(model.named_modules()) if modules is None else modules)
+    named = _hookable(modules)
     chosen: set[str] = set()
     patterns: dict[str, list[str]] = {}  # glob and regex items -> their hits (see _check_limit)
     records: dict[str, str] = {}  # record and FX names -> the module they belong to

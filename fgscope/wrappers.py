@@ -12,6 +12,7 @@ rule (no table of architectures) is in its docstring. `feature_layers` resolves 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -73,15 +74,17 @@ def descends_into(name: str, module: nn.Module) -> bool:
 _VIDEO = (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d, nn.BatchNorm3d, nn.AdaptiveAvgPool3d)
 
 
-def check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module, modules: Mapping[str, nn.Module] | None = None) -> None:
     """Refuse, in one line, a quantized model (`torch.ao.nn.quantized` modules, whose int8
     outputs and fused modules hooks and geometry cannot read); a video model is refused when
     it fails on images (`video_model_error`, called by `fgscope.forward`).
 
+    `modules`: `dict(model.named_modules())`, when known.
+
     Raises:
         UnsupportedModelError: a quantized model.
     """
-    for name, m in model.named_modules():
+    for name, m in (model.named_modules() if modules is None else modules.items()):
         kind = type(m).__module__
         if kind.startswith(("torch.ao.nn.quantized", "torch.nn.quantized",
                             "torch.ao.nn.intrinsic.quantized")):
