@@ -327,11 +327,24 @@ class RunDir:
         """Write `manifest.json` (atomically) and return its path."""
         self.manifest["timings_s"]["total"] = round(time.perf_counter() - self.started, 4)
         self.manifest["finished_at"] = _dt.datetime.now().astimezone().isoformat()
+        self.manifest["peak_rss_mb"] = _peak_rss_mb()
         path = self.path / "manifest.json"
         write_json(path, self.manifest)
         with _suppress():  # the manifest now lists every file the journal did
             os.unlink(self.path / JOURNAL)
         return path
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (MB), None where the OS does not say. Taken
+    when the run's files are written: the interpreter's exit, which touches hundreds of MB of
+    torch's shared libraries, comes after."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
 
 
 def model_entry(lm: Any) -> dict[str, Any]:

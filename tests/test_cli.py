@@ -118,6 +118,8 @@ def test_layers_default_writes_valid_files_that_agree(layers_run):
     manifest = json.loads((out / "manifest.json").read_text())
     for key in ("versions", "argv", "model", "images", "device", "dtype", "timings_s", "predictions"):
         assert key in manifest, key
+    import resource  # the run's peak memory, read before the process exits: this process's
+    assert 0 < manifest["peak_rss_mb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     assert manifest["model"]["sha256"].startswith("b0353104")
     top5 = [p["label"] for p in manifest["predictions"][0]["top5"]]
     assert "military uniform" in top5, top5
