@@ -151,13 +151,36 @@ def labelled(tmp_path_factory) -> Path:
     return root
 
 
+_PHASES: list[str] = []  # every phase the live report's display was given
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, images, labelled):
+    from fgscope.progress import Phases
+
     out = tmp_path_factory.mktemp("live") / "report"
-    return run_report(ReportConfig(
-        images=images, probe_data=labelled, out=out, formats=("png", "pdf", "svg"),
-        width="single", **MODEL,
-    ))
+    real = Phases.update
+
+    def update(self, phase, done, total=None):
+        if self.prefix == "report: ":
+            _PHASES.append(phase)
+        return real(self, phase, done, total)
+
+    Phases.update = update
+    try:
+        return run_report(ReportConfig(
+            images=images, probe_data=labelled, out=out, formats=("png", "pdf", "svg"),
+            width="single", **MODEL,
+        ))
+    finally:
+        Phases.update = real
+
+
+def test_live_report_shows_each_jobs_own_phases(live):
+    """Not one spinner per step: the report's display names the phase inside each job."""
+    for job, phase in (("layers", "forward"), ("cam", "grad-cam"), ("similarity", "forward and CKA"),
+                       ("probe", "probe fits"), ("units", "units")):
+        assert f"{job}: {phase}" in _PHASES, (job, sorted(set(_PHASES)))
 
 
 # --- the live report ----------------------------------------------------------------------------

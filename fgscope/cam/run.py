@@ -45,7 +45,7 @@ from fgscope.cam.figure import MAX_LAYERS, cam_figure, cam_overlay, cam_title, f
 from fgscope.errors import ConfigError
 from fgscope.images import default_image, load_image, sha256_file
 from fgscope.models import load_model
-from fgscope.progress import Phases
+from fgscope.progress import Phases, ProgressFn
 from fgscope.render import save_figure, save_png
 from fgscope.runs import RunDir, atomic_write_bytes, model_entry, new_run_dir, write_json
 
@@ -82,8 +82,12 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.:-]+", "_", name).replace(":", "-") or "output"
 
 
-def run_cam(config: CamConfig, console: Console | None = None) -> tuple[Path, CamResult]:
+def run_cam(config: CamConfig, console: Console | None = None,
+            progress: ProgressFn | None = None) -> tuple[Path, CamResult]:
     """Run the whole `cam` job; returns the output folder and the maps (of the first image).
+
+    `progress`, when given, also receives every phase's updates (`fgscope.progress`: a report
+    shows them on its own display).
 
     Raises:
         FgscopeError: bad model, image, class, layers or options (before anything is written).
@@ -99,7 +103,7 @@ def run_cam(config: CamConfig, console: Console | None = None) -> tuple[Path, Ca
     several = len(given) > 1 or (given and (Path(given[0]).is_dir() or any(c in given[0] for c in "*?[")))
     paths = [Path(p) for p in discover(given)] if several else [Path(given[0]) if given else default_image()]
     many = len(paths) > 1
-    with Phases(console) as phases:
+    with Phases(console, relay=progress) as phases:
         phases.update("load model", 0)
         t0 = time.perf_counter()
         lm = load_model(config.model, **config.model_kwargs)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from fgscope.models import LoadedModel
+    from fgscope.progress import ProgressFn
 
 __all__ = [
     "ProbeConfig",
@@ -193,8 +194,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_probe(config: ProbeConfig, console: Console | None = None) -> tuple[Path, ProbeResult]:
+def run_probe(config: ProbeConfig, console: Console | None = None,
+              progress: ProgressFn | None = None) -> tuple[Path, ProbeResult]:
     """Run the whole `probe` job; returns the output folder and the result.
+
+    `progress`, when given, also receives every phase's updates (`fgscope.progress`: a report
+    shows them on its own display).
 
     Raises:
         FgscopeError: bad model, data, coarse map, layers or options (before anything is written).
@@ -210,7 +215,7 @@ def run_probe(config: ProbeConfig, console: Console | None = None) -> tuple[Path
         return _run_from_dump(config, console)
     t0 = started = time.perf_counter()
     seed_everything(config.seed)
-    with Phases(console) as phases:
+    with Phases(console, relay=progress) as phases:
         phases.update("load model", 0)
         lm = load_model(config.model, **config.model_kwargs)
         t_load = time.perf_counter() - t0

@@ -16,7 +16,7 @@ import numpy as np
 from rich.console import Console
 
 from fgscope.errors import ConfigError, FgscopeError
-from fgscope.progress import Phases
+from fgscope.progress import Phases, ProgressFn
 from fgscope.report.panels import EnergyColumn
 from fgscope.runs import RunDir, atomic_write_bytes
 
@@ -83,6 +83,10 @@ def run_live(config: ReportConfig, out: Path, console: Console, run: RunDir) -> 
     with Phases(console, prefix="report: ") as bar:
         k = 0
 
+        def relay(name: str) -> ProgressFn:
+            """A job's own phases, shown on the report's display (`layers: forward`)."""
+            return lambda phase, done, total: bar.update(f"{name}: {phase}", done, total)
+
         def step(name: str, fn: Callable[[], Any]) -> Any:
             nonlocal k
             k += 1
@@ -100,7 +104,7 @@ def run_live(config: ReportConfig, out: Path, console: Console, run: RunDir) -> 
         _, result = step("layers", lambda: run_layers(_make(
             LayersConfig, images=list(config.images), layers=config.layers, out=out / "layers",
             max_images=config.max_images, views=config.views, view_seed=config.view_seed, **common), sub,
-            lambda phase, done, total: bar.update(f"layers: {phase}", done, total)))
+            relay("layers")))
         images = [str(li.path) for li in result.images]
         cols = hierarchy_columns(result.rows)
         if cols:
@@ -115,7 +119,7 @@ def run_live(config: ReportConfig, out: Path, console: Console, run: RunDir) -> 
         del result  # activations can be large; the other jobs run their own forwards
 
         step("cam", lambda: _noted(live, "Grad-CAM", lambda: run_cam(_make(
-            CamConfig, image=images[0], layers="stages", out=out / "cam", **common), sub)))
+            CamConfig, image=images[0], layers="stages", out=out / "cam", **common), sub, relay("cam"))))
 
         def similarity() -> Any:
             if len(images) < MIN_IMAGES_FOR_SIMILARITY:
@@ -126,7 +130,7 @@ def run_live(config: ReportConfig, out: Path, console: Console, run: RunDir) -> 
                 return None
             return _noted(live, "Layer similarity (CKA)", lambda: run_similarity(_make(
                 SimilarityConfig, images=images, layers=config.layers, out=out / "similarity",
-                **common), sub))
+                **common), sub, relay("similarity")))
 
         step("similarity", similarity)
         if not config.probe_data:
@@ -137,7 +141,7 @@ def run_live(config: ReportConfig, out: Path, console: Console, run: RunDir) -> 
             return live
         probe_ret = step("probe", lambda: _noted(live, "Linear probes", lambda: run_probe(_make(
             ProbeConfig, data=config.probe_data, layers="stages", coarse_map=config.coarse_map,
-            out=out / "probe", **common), sub)))
+            out=out / "probe", **common), sub, relay("probe"))))
         if probe_ret is None:
             live.notes.append("Advice: needs the linear probes.")
             return live
@@ -146,7 +150,8 @@ def run_live(config: ReportConfig, out: Path, console: Console, run: RunDir) -> 
             AdviseConfig, from_probe=probe_dir, out=out / "advise", **common), sub)))
         # the unit atlas of the same labelled data (dataset examples, class selectivity)
         step("units", lambda: _noted(live, "Unit atlas", lambda: run_units(_make(
-            UnitsConfig, data=config.probe_data, layers="stages", out=out / "units", **common), sub)))
+            UnitsConfig, data=config.probe_data, layers="stages", out=out / "units", **common), sub,
+            relay("units"))))
     return live
 
 

@@ -43,7 +43,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -55,6 +55,9 @@ from fgscope.models import LoadedModel, load_model
 from fgscope.runs import RunDir, model_entry, new_run_dir, write_json, write_text
 from fgscope.similarity.compute import MIN_IMAGES, SimilarityResult, _num, compute_similarity
 from fgscope.similarity.figure import similarity_figure
+
+if TYPE_CHECKING:
+    from fgscope.progress import ProgressFn
 
 __all__ = ["SimilarityConfig", "run_similarity"]
 
@@ -98,9 +101,12 @@ def _matrix_json(mat: Tensor) -> list[list[float | None]]:
 
 
 def run_similarity(
-    config: SimilarityConfig, console: Console | None = None
+    config: SimilarityConfig, console: Console | None = None, progress: ProgressFn | None = None
 ) -> tuple[Path, SimilarityResult]:
     """Run the whole `similarity` job; returns the output folder and the measurements.
+
+    `progress`, when given, also receives every phase's updates (`fgscope.progress`: a report
+    shows them on its own display).
 
     Raises:
         FgscopeError: bad models, images, layers or options (before anything is written).
@@ -111,7 +117,7 @@ def run_similarity(
     if config.batch_size < 4:
         raise ConfigError(f"--batch-size must be at least 4 for CKA, got {config.batch_size}")
     lm = vlm = dump = None
-    with Phases(console, unit="batches") as phases:
+    with Phases(console, unit="batches", relay=progress) as phases:
         if config.from_dump is not None:
             from fgscope.similarity.dumped import similarity_from_dump
             from fgscope.store.analysis import open_for_analysis

@@ -269,8 +269,12 @@ def units(model: Any, data: str | Path, layers: Any = "stages", *, top: int = 8,
                          progress=progress)
 
 
-def run_units(config: UnitsConfig, console: Console | None = None) -> tuple[Path, UnitsResult]:
+def run_units(config: UnitsConfig, console: Console | None = None,
+              progress: ProgressFn | None = None) -> tuple[Path, UnitsResult]:
     """Run the whole `units` job and write its files; returns the output folder and result.
+
+    `progress`, when given, also receives every phase's updates (`fgscope.progress`: a report
+    shows them on its own display).
 
     Raises:
         FgscopeError: bad model, data, annotations, layers or options (before anything is written).
@@ -286,7 +290,7 @@ def run_units(config: UnitsConfig, console: Console | None = None) -> tuple[Path
     config.check()
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    with Phases(console) as phases:
+    with Phases(console, relay=progress) as phases:
         phases.update("load model", 0)
         lm = load_model(config.model, **config.model_kwargs)
         t0 = time.perf_counter()
