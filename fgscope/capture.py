@@ -90,10 +90,9 @@ class _Hooks:
         self.on_record = on_record
         self.keep_graph = keep_graph
         self.calls: dict[str, int] = {}
-        self.produced: dict[str, list[str]] = {}  # module -> record names of this forward
         self.index = 0
         self.step = -1
-        self.produced: dict[str, list[str]] = {}
+        self.produced: dict[str, list[str]] = {}  # module -> record names of this forward
         self.pending_cuda = False
         # kept records are copy-on-write snapshots; in grad mode they are held by reference
         # and watched (storage data_ptr -> indices into recorder.records)
