@@ -12,10 +12,11 @@ Prints:
    written) and of the whole process (`ru_maxrss`, with the interpreter's exit). All RSS adds
    the pages of torch's shared libraries that the process touched, 430-550 MB of a CUDA
    build, a different amount each run (100-400 MB more at the exit) and none of it set by the
-   images: two identical runs over 2000 images peaked at 1326 and 1547 MB; throughput in images/s of the whole command and
-   against a plain loop over the same images on the same model (a fresh process: fgscope's
-   preprocessing, a torch DataLoader with the same batch size and no workers, a forward under
-   `inference_mode` that keeps nothing), counted over the same images.
+   images: two identical runs over 2000 images peaked at 1326 and 1547 MB. Throughput in
+   images/s of the whole command and against a plain loop over the same images on the same
+   model (a fresh process: fgscope's preprocessing, a torch DataLoader with the same batch
+   size and no workers, a forward under `inference_mode` that keeps nothing), counted over
+   the same images.
 2. `fgscope.capture(model, "all")` keeping every record on the CPU against a plain forward, in
    a fresh process that never imports the CLI (so only what the API does itself applies, e.g.
    its allocator tuning), per model (random init, batch 8, 224 px, CPU); between them the
@@ -59,9 +60,9 @@ def make_images(folder: Path, n: int, size: int, seed: int = 0) -> Path:
 
 
 def _rss_child(cmd: list[str]) -> tuple[float, float, str, float]:
-    """(wall seconds, peak RSS in MB, stdout) of `cmd`, measured by a tiny wrapper process that
-    waits for it (`wait4`: the rusage is that one command's, not the max over this process's
-    children)."""
+    """(wall seconds, peak RSS in MB, stdout, peak anonymous RSS in MB) of `cmd`, measured by a
+    tiny wrapper process that waits for it (`wait4`: the rusage is that one command's, not the
+    max over this process's children) and reads its RssAnon every 10 ms."""
     wrapper = (
         "import os, subprocess, sys, time, json, threading, tempfile\n"
         "t0 = time.perf_counter()\n"

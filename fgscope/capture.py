@@ -131,12 +131,10 @@ class _Hooks:
 
     def _place(self, t: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The tensor to keep and whether it is still shared with the model (needs watching)."""
+        t = t if self.keep_graph else t.detach()
         dest = self.to
         if dest is None or dest == t.device or (dest.type == t.device.type and dest.index is None):
-            if self.snapshots:
-                return snapshot(t), False
-            return (t if self.keep_graph else t.detach()), True
-        t = t if self.keep_graph else t.detach()
+            return (snapshot(t), False) if self.snapshots else (t, True)
         if t.device.type == "cuda" and dest.type == "cpu" and not self.keep_graph:
             # Stream-ordered copy: it reads the value before any later kernel can change it.
             if self.on_record is not None:

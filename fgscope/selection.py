@@ -75,7 +75,7 @@ def _hookable(modules: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
 def leaf_modules(model: nn.Module, named: dict[str, nn.Module] | None = None,
                  ) -> dict[str, nn.Module]:
     """Hookable modules without hookable children, by qualified name (the model itself if it
-    has none; its record is named `output`). `named`: `_hookable(model)`, when known."""
+    has none; its record is named `output`). `named`: `_hookable(modules)`, when known."""
     named = _hookable(dict(model.named_modules())) if named is None else named
     hookable = {id(m) for m in named.values()}
     leaves = {n: m for n, m in named.items()
